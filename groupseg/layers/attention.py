@@ -1,0 +1,44 @@
+"""Multi-head attention with a fused QKV projection, for self- and cross-attention."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+
+class Attention(nn.Module):
+    """Multi-head attention through ``F.scaled_dot_product_attention``.
+
+    One fused ``qkv`` weight serves both modes: self-attention projects the input
+    once; cross-attention projects queries with the first third of the weight and
+    keys/values with the rest.
+
+    Args:
+        dim: channels of queries, keys and values.
+        num_heads: attention heads; ``dim`` must divide evenly.
+        qkv_bias: bias on the q/k/v projection.
+    """
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
+        """Attend from ``x`` (B, N, C) to ``context`` (B, S, C), or to itself when None."""
+        h = self.num_heads
+        if context is None:
+            q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=h)
+        else:
+            dim = x.shape[-1]
+            w, b = self.qkv.weight, self.qkv.bias
+            q = F.linear(x, w[:dim], None if b is None else b[:dim])
+            kv = F.linear(context, w[dim:], None if b is None else b[dim:])
+            q = rearrange(q, "b n (h d) -> b h n d", h=h)
+            k, v = rearrange(kv, "b s (two h d) -> two b h s d", two=2, h=h)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # (B, h, N, d)
+        return self.proj(rearrange(out, "b h n d -> b n (h d)"))

@@ -1,0 +1,229 @@
+"""The two-tower GroupViT model."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from .text import build_text_tower
+from .vision import VisionOutput, VisionTower
+
+
+class ProjectionHead(nn.Module):
+    """Linear -> BatchNorm -> ReLU -> Linear (GroupViT's 2-layer projector), or one Linear.
+
+    Args:
+        in_dim: input channels.
+        hidden_dim: hidden channels; 0 gives a single linear layer.
+        out_dim: output channels.
+    """
+
+    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int) -> None:
+        super().__init__()
+        if hidden_dim:
+            self.fc1 = nn.Linear(in_dim, hidden_dim)
+            self.bn = nn.BatchNorm1d(hidden_dim)
+            self.fc2 = nn.Linear(hidden_dim, out_dim)
+        else:
+            self.fc1, self.bn = None, None
+            self.fc2 = nn.Linear(in_dim, out_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])  # BatchNorm1d wants (N, C)
+        if self.fc1 is not None:
+            x = F.relu(self.bn(self.fc1(x)))
+        return self.fc2(x).reshape(*shape[:-1], -1)
+
+
+def soft_grouping(assignments: list[torch.Tensor], grid: tuple[int, int]) -> torch.Tensor:
+    """Chain per-stage soft assignments into (B, G_last, h, w) maps over the patch grid."""
+    chain = assignments[0]  # (B, G1, N)
+    for a in assignments[1:]:
+        chain = a @ chain  # (B, G_i, G_{i-1}) @ (B, G_{i-1}, N)
+    return chain.reshape(chain.shape[0], chain.shape[1], *grid)
+
+
+class GroupViT(nn.Module):
+    """GroupViT: a grouping vision transformer and a text transformer in one embedding space.
+
+    ``forward`` returns embeddings and temperatures, never a loss (see ``groupseg.loss``).
+
+    Args:
+        cfg: the model configuration.
+
+    >>> import groupseg
+    >>> model = groupseg.create_model("groupvit-tiny-test")
+    >>> model.encode_image(torch.zeros(1, 3, 32, 32)).shape
+    torch.Size([1, 16])
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.visual = VisionTower(cfg.vision)
+        self.text = build_text_tower(cfg.text)
+        self.visual_proj = ProjectionHead(self.visual.width, cfg.proj_hidden_dim, cfg.embed_dim)
+        self.text_proj = ProjectionHead(self.text.width, cfg.proj_hidden_dim, cfg.embed_dim)
+        self.logit_scale = nn.Parameter(torch.tensor(float(cfg.logit_scale_init)))
+        if cfg.multi_label_logit_scale:
+            self.multi_label_logit_scale = nn.Parameter(torch.tensor(float(cfg.logit_scale_init)))
+        else:
+            self.register_parameter("multi_label_logit_scale", None)
+        self.init_weights()
+
+    # ---------------------------------------------------------------- init / timm interface
+    def init_weights(self) -> None:
+        def _init(m: nn.Module) -> None:
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+        self.visual.apply(_init)
+        self.visual_proj.apply(_init)
+        self.text_proj.apply(_init)
+        nn.init.trunc_normal_(self.visual.pos_embed, std=0.02)
+        for i, stage in enumerate(self.visual.stages):
+            if stage.group_token is not None and stage.group_projector is None:
+                nn.init.trunc_normal_(stage.group_token, std=0.02)  # zero when a projector feeds it
+        if self.cfg.text.kind == "transformer":
+            t = self.text
+            w, layers = t.width, len(t.blocks)
+            for blk in t.blocks:
+                nn.init.normal_(blk.attn.qkv.weight, std=w**-0.5)
+                nn.init.normal_(blk.attn.proj.weight, std=w**-0.5 * (2 * layers) ** -0.5)
+                nn.init.normal_(blk.mlp.fc1.weight, std=(2 * w) ** -0.5)
+                nn.init.normal_(blk.mlp.fc2.weight, std=w**-0.5 * (2 * layers) ** -0.5)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        for stage in self.visual.stages:
+            stage.grad_checkpointing = enable
+        if hasattr(self.text, "grad_checkpointing"):
+            self.text.grad_checkpointing = enable
+        elif enable:
+            self.text.encoder.gradient_checkpointing_enable()
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names that take no weight decay: norms, biases, embeddings and tokens."""
+        names = set()
+        for n, p in self.named_parameters():
+            if p.ndim <= 1 or n.endswith(("pos_embed", "group_token", "token_embed.weight")) or "embeddings" in n:
+                names.add(n)
+        return names
+
+    # ---------------------------------------------------------------- encoders
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.logit_scale.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.logit_scale.device
+
+    def encode_vision(self, pixels: torch.Tensor) -> VisionOutput:
+        """Run the vision tower: final segment tokens, pooled feature and soft assignments."""
+        return self.visual(pixels)
+
+    def encode_image(self, pixels: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """(B, 3, H, W) normalised pixels -> (B, D) image embeddings (L2-normalised by default)."""
+        x = self.visual_proj(self.visual(pixels).pooled)
+        return F.normalize(x, dim=-1) if normalize else x
+
+    def encode_text(
+        self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None, normalize: bool = True
+    ) -> torch.Tensor:
+        """(..., L) token ids -> (..., D) text embeddings (L2-normalised by default)."""
+        lead = ids.shape[:-1]
+        ids = ids.reshape(-1, ids.shape[-1])
+        if attention_mask is not None:
+            attention_mask = attention_mask.reshape(-1, attention_mask.shape[-1])
+        x = self.text_proj(self.text(ids, attention_mask))
+        x = x.reshape(*lead, -1)
+        return F.normalize(x, dim=-1) if normalize else x
+
+    def encode_groups(self, pixels: torch.Tensor) -> dict[str, torch.Tensor | list | tuple]:
+        """Segment embeddings and how patches map onto them.
+
+        Returns a dict with ``group_embeds`` (B, G, D) L2-normalised, ``image_embeds``
+        (B, D) L2-normalised, ``grouping`` (B, G, h, w) soft maps over the patch grid
+        (softmax over G), ``assignments`` (per-stage soft assignments) and ``grid``.
+        """
+        out = self.visual(pixels)
+        groups = F.normalize(self.visual_proj(out.tokens), dim=-1)  # (B, G, D)
+        image = F.normalize(self.visual_proj(out.pooled), dim=-1)
+        if out.assignments:
+            grouping = soft_grouping(out.assignments, out.grid)
+        else:  # no grouping stage: every patch is its own segment
+            b, n = out.tokens.shape[:2]
+            eye = torch.eye(n, device=pixels.device, dtype=groups.dtype).expand(b, n, n)
+            grouping = eye.reshape(b, n, *out.grid)
+        return {
+            "group_embeds": groups,
+            "image_embeds": image,
+            "grouping": grouping,
+            "assignments": out.assignments,
+            "grid": out.grid,
+        }
+
+    def segmentation_logits(self, pixels: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
+        """Per-pixel class logits (B, C, H, W) at the input resolution.
+
+        Each segment's cosine similarity to each class embedding, spread over pixels by
+        the soft grouping maps (bilinearly upsampled), as the GroupViT paper and
+        transformers' ``segmentation_logits`` define it.
+
+        Args:
+            pixels: (B, 3, H, W) normalised images.
+            text_emb: (C, D) L2-normalised class embeddings.
+        """
+        g = self.encode_groups(pixels)
+        scale = self.logit_scale.exp()
+        logits = torch.einsum("bgd,cd->bcg", g["group_embeds"], text_emb.to(g["group_embeds"].dtype)) * scale
+        grouping = F.interpolate(g["grouping"], size=pixels.shape[-2:], mode="bilinear", align_corners=False)
+        seg = torch.einsum("bcg,bghw->bchw", logits, grouping)
+        return seg * scale
+
+    def forward(
+        self, pixels: torch.Tensor, text: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Embed a batch of images and texts.
+
+        Args:
+            pixels: (B, 3, H, W).
+            text: (B, L) token ids, or (B, T, L) for several texts per image (caption + prompts).
+
+        Returns:
+            ``image_embeds`` (B, D), ``text_embeds`` (B, D) or (B, T, D), both L2-normalised,
+            ``logit_scale`` and ``multi_label_logit_scale`` (exp'd, clamped at 100).
+        """
+        out = {
+            "image_embeds": self.encode_image(pixels),
+            "text_embeds": self.encode_text(text, attention_mask),
+            "logit_scale": self.logit_scale.exp().clamp(max=100),
+        }
+        if self.multi_label_logit_scale is not None:
+            out["multi_label_logit_scale"] = self.multi_label_logit_scale.exp().clamp(max=100)
+        return out
+
+    # ---------------------------------------------------------------- weights
+    def save_pretrained(self, directory: str | Path, dtype: torch.dtype | None = None) -> Path:
+        """Write ``config.json`` + ``model.safetensors`` into ``directory``."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()}
+        if dtype is not None:
+            state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+        tmp = directory / "model.safetensors.tmp"
+        save_file(state, str(tmp), metadata={"format": "pt", "groupseg": "1"})
+        tmp.replace(directory / "model.safetensors")
+        self.cfg.save(directory / "config.json")
+        return directory

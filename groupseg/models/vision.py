@@ -1,0 +1,134 @@
+"""GroupViT vision tower: patches -> transformer stages with learned group tokens -> segments."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ..config import StageConfig, VisionConfig
+from ..layers.block import Block
+from ..layers.grouping import GroupingBlock
+from ..layers.mlp import MixerMlp
+from ..layers.patch_embed import PatchEmbed, resize_pos_embed
+
+
+class GroupProjector(nn.Module):
+    """Maps the previous stage's group tokens onto this stage's (token-mixing MLP)."""
+
+    def __init__(self, dim: int, num_in: int, num_out: int, act: str, eps: float) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, eps=eps)
+        self.mlp = MixerMlp(num_in, dim // 2, num_out, act=act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.norm(x))
+
+
+class GroupingStage(nn.Module):
+    """Transformer blocks over [image tokens; group tokens], then an optional grouping block."""
+
+    def __init__(self, cfg: VisionConfig, stage: StageConfig, prev_group_tokens: int, drop_path: list[float]) -> None:
+        super().__init__()
+        d, eps = cfg.width, cfg.layer_norm_eps
+        self.num_group_tokens = stage.num_group_tokens
+        self.grad_checkpointing = False
+        if stage.num_group_tokens:
+            self.group_token = nn.Parameter(torch.zeros(1, stage.num_group_tokens, d))
+        else:
+            self.register_parameter("group_token", None)
+        self.group_projector = (
+            GroupProjector(d, prev_group_tokens, stage.num_group_tokens, cfg.act, eps)
+            if stage.num_group_tokens and prev_group_tokens
+            else None
+        )
+        self.blocks = nn.ModuleList(
+            Block(d, stage.num_heads, cfg.mlp_ratio, cfg.act, drop_path[i], eps) for i in range(stage.depth)
+        )
+        self.grouping = (
+            GroupingBlock(
+                d,
+                stage.num_heads,
+                stage.num_group_tokens,
+                stage.num_output_groups,
+                cfg.assign_mlp_ratio,
+                cfg.act,
+                cfg.hard_assignment,
+                cfg.gumbel_tau,
+                cfg.assign_eps,
+                eps,
+            )
+            if stage.num_output_groups
+            else None
+        )
+
+    def _run_blocks(self, x: torch.Tensor) -> torch.Tensor:
+        for blk in self.blocks:
+            x = blk(x)
+        return x
+
+    def forward(
+        self, x: torch.Tensor, prev_groups: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """x: (B, N, C). Returns (tokens out, this stage's group tokens, soft assignment (B, G, N) or None)."""
+        n = x.shape[1]
+        if self.group_token is not None:
+            groups = self.group_token.expand(x.shape[0], -1, -1)
+            if self.group_projector is not None and prev_groups is not None:
+                groups = groups + self.group_projector(prev_groups)
+            x = torch.cat([x, groups], dim=1)  # (B, N + S, C)
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            x = checkpoint(self._run_blocks, x, use_reentrant=False)
+        else:
+            x = self._run_blocks(x)
+        x, groups = (x[:, :n], x[:, n:]) if self.group_token is not None else (x, None)
+        if self.grouping is None:
+            return x, groups, None
+        x, assignment = self.grouping(x, groups)  # (B, G, C), (B, G, N)
+        return x, groups, assignment
+
+
+@dataclass
+class VisionOutput:
+    tokens: torch.Tensor  # (B, G, C) final tokens after the last norm: one per segment
+    pooled: torch.Tensor  # (B, C) mean of tokens
+    assignments: list[torch.Tensor]  # per grouping stage: soft assignment (B, G_i, N_{i-1}), softmax over G_i
+    grid: tuple[int, int]  # patch grid (h, w) of the input
+
+
+class VisionTower(nn.Module):
+    """GroupViT image encoder.
+
+    Args:
+        cfg: the vision configuration.
+    """
+
+    def __init__(self, cfg: VisionConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_chans, cfg.width, cfg.layer_norm_eps)
+        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.grid_size**2, cfg.width))
+        total = sum(s.depth for s in cfg.stages)
+        dpr = torch.linspace(0, cfg.drop_path_rate, total).tolist() if total else []
+        self.stages = nn.ModuleList()
+        prev, start = 0, 0
+        for s in cfg.stages:
+            self.stages.append(GroupingStage(cfg, s, prev, dpr[start : start + s.depth]))
+            prev, start = s.num_group_tokens, start + s.depth
+        self.norm = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
+
+    @property
+    def width(self) -> int:
+        return self.cfg.width
+
+    def forward(self, pixels: torch.Tensor) -> VisionOutput:
+        x, grid = self.patch_embed(pixels)  # (B, h*w, C)
+        x = x + resize_pos_embed(self.pos_embed, grid)
+        groups, assignments = None, []
+        for stage in self.stages:
+            x, groups, assignment = stage(x, groups)
+            if assignment is not None:
+                assignments.append(assignment)
+        x = self.norm(x)
+        return VisionOutput(tokens=x, pooled=x.mean(dim=1), assignments=assignments, grid=grid)
