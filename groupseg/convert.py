@@ -67,11 +67,13 @@ def load_pth(path: str | Path) -> dict[str, Any]:
     unpickler that replaces every such object by an inert placeholder.
     """
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_InertModule)
-    except (RuntimeError, EOFError, OSError) as e:
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({e.__class__.__name__}: {e})") from None
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_InertModule)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
+        msg = str(e).splitlines()[0] if str(e) else ""
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({e.__class__.__name__}: {msg})") from None
 
 
 # --------------------------------------------------------------------------- key mapping helpers

@@ -47,10 +47,10 @@ def create_model(config: str | ModelConfig | dict[str, Any]) -> GroupViT:
 def load_state_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
     """Load ``state`` into ``model``; any missing, unexpected or mis-shaped key is a one-line error."""
     own = model.state_dict()
-    for k, v in state.items():
-        if k in own and own[k].shape != v.shape:
+    for k, v in own.items():  # model order: the first mismatch is the earliest layer
+        if k in state and state[k].shape != v.shape:
             raise CheckpointError(
-                f"{source}: weight {k!r} has shape {tuple(v.shape)} but the model expects {tuple(own[k].shape)}"
+                f"{source}: weight {k!r} has shape {tuple(state[k].shape)} but the model expects {tuple(v.shape)}"
             )
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]

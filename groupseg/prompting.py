@@ -7,11 +7,16 @@ from typing import Sequence
 
 def prompts_dir() -> Path:
     """The folder holding ``templates/`` and ``vocab/`` (installed as ``groupseg.prompts``)."""
-    import groupseg.prompts as p
+    candidates = [Path(__file__).resolve().parent.parent / "prompts"]  # a source checkout
+    try:
+        import groupseg.prompts as p  # installed: prompts/ is mapped onto this package
 
-    for d in p.__path__:
-        if Path(d, "templates").is_dir():
-            return Path(d)
+        candidates = [Path(d) for d in p.__path__] + candidates
+    except ImportError:
+        pass
+    for d in candidates:
+        if (d / "templates").is_dir():
+            return d
     raise FileNotFoundError("groupseg's prompts/ data folder is missing from this installation")
 
 

@@ -86,6 +86,7 @@ class GroupingBlock(nn.Module):
         num_group_tokens: group tokens coming in.
         num_output_groups: segments going out.
         assign_mlp_ratio: (token-mixing, channel) MLP ratios.
+        mlp_ratio: MLP ratio of the pre-assignment cross-attention block.
         act: MLP activation.
         hard: hard assignment.
         gumbel_tau: Gumbel temperature.
@@ -100,6 +101,7 @@ class GroupingBlock(nn.Module):
         num_group_tokens: int,
         num_output_groups: int,
         assign_mlp_ratio: tuple[float, float] = (0.5, 4.0),
+        mlp_ratio: float = 4.0,
         act: Literal["gelu", "quick_gelu"] = "gelu",
         hard: bool = True,
         gumbel_tau: float = 1.0,
@@ -112,7 +114,7 @@ class GroupingBlock(nn.Module):
         self.mlp_inter = MixerMlp(num_group_tokens, tokens_dim, num_output_groups, act=act)
         self.norm_post_tokens = nn.LayerNorm(dim, eps=eps)
         self.norm_x = nn.LayerNorm(dim, eps=eps)
-        self.pre_assign_attn = CrossAttnBlock(dim, num_heads, act=act, eps=eps)
+        self.pre_assign_attn = CrossAttnBlock(dim, num_heads, mlp_ratio, act=act, eps=eps)
         self.assign = AssignAttention(dim, hard=hard, gumbel_tau=gumbel_tau, assign_eps=assign_eps)
         self.norm_new_x = nn.LayerNorm(dim, eps=eps)
         self.mlp_channels = Mlp(dim, channels_dim, dim, act=act)

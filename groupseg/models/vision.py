@@ -53,6 +53,7 @@ class GroupingStage(nn.Module):
                 stage.num_group_tokens,
                 stage.num_output_groups,
                 cfg.assign_mlp_ratio,
+                cfg.mlp_ratio,
                 cfg.act,
                 cfg.hard_assignment,
                 cfg.gumbel_tau,

@@ -1,0 +1,356 @@
+"""Zero-shot segmentation with any word list: the ``Segmenter`` API."""
+from __future__ import annotations
+
+import colorsys
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
+
+from .factory import load_model
+from .models.groupvit import GroupViT
+from .prompting import load_templates, normalize_vocab, parse_class
+from .tokenizer import get_tokenizer
+from .transforms import ImageLike, load_image, resize_nearest, sliding_windows, target_size, to_tensor
+
+BACKGROUND = 255
+
+
+def palette(n: int) -> np.ndarray:
+    """``n`` distinct RGB colours (uint8, (n, 3)): a fixed 20-colour table, then golden-ratio hues."""
+    base = [
+        (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
+        (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (220, 190, 255),
+        (170, 110, 40), (255, 250, 200), (128, 0, 0), (170, 255, 195), (128, 128, 0), (255, 215, 180),
+        (0, 0, 128), (128, 128, 128),
+    ]
+    cols = base[:n]
+    for i in range(len(cols), n):
+        h = (i * 0.618033988749895) % 1.0
+        r, g, b = colorsys.hsv_to_rgb(h, 0.65 + 0.35 * ((i // 7) % 2), 0.95 - 0.3 * ((i // 3) % 2))
+        cols.append((int(r * 255), int(g * 255), int(b * 255)))
+    return np.array(cols, dtype=np.uint8).reshape(-1, 3)
+
+
+def _font(size: int) -> ImageFont.ImageFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1
+        return ImageFont.load_default()
+
+
+@dataclass
+class SegmentationResult:
+    """The segmentation of one image.
+
+    Attributes:
+        label_map: (H, W) class indices 0..C-1 at the original size; 255 (or -1 when
+            C >= 255) marks background / below threshold.
+        classes: the class labels, in vocabulary order.
+        image: the RGB input.
+        timing: seconds spent per step.
+    """
+
+    label_map: np.ndarray
+    classes: list[str]
+    image: Image.Image
+    timing: dict[str, float] = field(default_factory=dict)
+    _scores_fn: Callable[[], torch.Tensor] | None = field(default=None, repr=False)
+    _scores: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def background(self) -> int:
+        return BACKGROUND if self.label_map.dtype == np.uint8 else -1
+
+    @property
+    def scores(self) -> torch.Tensor:
+        """(C, H, W) float class probabilities at the original size (computed on first access)."""
+        if self._scores is None and self._scores_fn is not None:
+            self._scores = self._scores_fn()
+        return self._scores
+
+    def fractions(self) -> dict[str, float]:
+        """Fraction of pixels given to each class (and ``background``)."""
+        n = self.label_map.size
+        counts = np.bincount(self.label_map[self.label_map != self.background].ravel().astype(np.int64), minlength=len(self.classes))
+        out = {c: float(counts[i]) / n for i, c in enumerate(self.classes)}
+        out["background"] = float((self.label_map == self.background).sum()) / n
+        return out
+
+    def colorize(self) -> np.ndarray:
+        """(H, W, 3) uint8 colour image of the label map (background black)."""
+        pal = np.concatenate([palette(len(self.classes)), np.zeros((1, 3), np.uint8)])
+        idx = np.where(self.label_map == self.background, len(self.classes), self.label_map).astype(np.int64)
+        return pal[idx]
+
+    def overlay(self, alpha: float = 0.55, legend: bool = True) -> Image.Image:
+        """The image blended with class colours, the same size as the input, with a legend."""
+        base = np.asarray(self.image, dtype=np.float32)
+        col = self.colorize().astype(np.float32)
+        fg = (self.label_map != self.background)[..., None]
+        out = np.where(fg, base * (1 - alpha) + col * alpha, base * 0.6)
+        img = Image.fromarray(out.clip(0, 255).astype(np.uint8))
+        if legend:
+            self._draw_legend(img)
+        return img
+
+    def _draw_legend(self, img: Image.Image) -> None:
+        fr = self.fractions()
+        present = sorted((i for i, c in enumerate(self.classes) if fr[c] > 0), key=lambda i: -fr[self.classes[i]])
+        if not present:
+            return
+        w, h = img.size
+        size = max(8, min(w, h) // 28)
+        font = _font(size)
+        pal = palette(len(self.classes))
+        lines = [(pal[i], f"{self.classes[i]} {100 * fr[self.classes[i]]:.0f}%") for i in present]
+        max_lines = max(1, (h - 2 * size) // (size + 4))
+        if len(lines) > max_lines:
+            lines = lines[: max_lines - 1] + [(None, f"+{len(lines) - max_lines + 1} more")]
+        draw = ImageDraw.Draw(img, "RGBA")
+        text_w = max(draw.textlength(t, font=font) for _, t in lines)
+        box_w, box_h = int(text_w + size * 2.2), int(len(lines) * (size + 4) + 6)
+        draw.rectangle([2, 2, 2 + box_w, 2 + box_h], fill=(0, 0, 0, 150))
+        for k, (c, t) in enumerate(lines):
+            y = 5 + k * (size + 4)
+            if c is not None:
+                draw.rectangle([6, y, 6 + size, y + size], fill=tuple(int(v) for v in c))
+            draw.text((10 + size, y - 1), t, fill=(255, 255, 255), font=font)
+
+    def save(self, prefix: str | Path) -> dict[str, Path]:
+        """Write ``PREFIX_labels.png`` (class indices, 255 background), ``PREFIX_overlay.png`` and ``PREFIX.json``."""
+        prefix = Path(prefix)
+        prefix.parent.mkdir(parents=True, exist_ok=True)
+        paths = {
+            "labels": prefix.with_name(prefix.name + "_labels.png"),
+            "overlay": prefix.with_name(prefix.name + "_overlay.png"),
+            "json": prefix.with_name(prefix.name + ".json"),
+        }
+        lm = self.label_map
+        if lm.dtype != np.uint8:  # large vocabularies: 16-bit PNG, 65535 = background
+            lm = np.where(lm < 0, 65535, lm).astype(np.uint16)
+        Image.fromarray(lm).save(paths["labels"])
+        self.overlay().save(paths["overlay"])
+        meta = {
+            "classes": self.classes,
+            "background_value": BACKGROUND if self.label_map.dtype == np.uint8 else 65535,
+            "size": [self.label_map.shape[0], self.label_map.shape[1]],
+            "fractions": self.fractions(),
+            "timing": self.timing,
+        }
+        paths["json"].write_text(json.dumps(meta, indent=2) + "\n")
+        return paths
+
+
+class Segmenter:
+    """Segment images with any word list.
+
+    Holds a model, its tokenizer and prompt templates, and a cache of text
+    embeddings keyed by (template set, word), so a large vocabulary is encoded once.
+
+    Args:
+        model: a ``GroupViT`` (put in eval mode).
+        templates: a template set name from ``prompts/templates`` or a file, or a list.
+        short_side: images are resized so their short side is this (then rounded to the patch size).
+        window: sliding-window side in pixels for very long images (0 = never slide).
+        top_k: keep only the image's k most likely classes per segment (NVlabs' filter); 0 = off.
+        threshold: class probability below which a pixel is background (255); 0 = no background.
+        device: torch device.
+        weights_dir: where the weights came from (for a Hugging Face tokenizer stored beside them).
+
+    >>> seg = Segmenter.from_pretrained()  # doctest: +SKIP
+    >>> out = seg.segment("street.jpg", ["road", "car", "cyclist", "puddle"])  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        model: GroupViT,
+        templates: str | Sequence[str] = "short",
+        short_side: int = 448,
+        window: int = 0,
+        top_k: int = 0,
+        threshold: float = 0.0,
+        device: str | torch.device = "cpu",
+        weights_dir: str | Path | None = None,
+    ) -> None:
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.cfg = model.cfg
+        self.tokenizer = get_tokenizer(self.cfg, weights_dir)
+        self.templates = load_templates(templates) if isinstance(templates, str) else list(templates)
+        if not self.templates:
+            raise ValueError("no prompt templates given")
+        self._templates_key = hashlib.sha1("\n".join(self.templates).encode()).hexdigest()[:12]
+        self.short_side = short_side
+        self.window = window
+        self.top_k = top_k
+        self.threshold = threshold
+        self._cache: dict[tuple[str, str], torch.Tensor] = {}
+
+    @classmethod
+    def from_pretrained(cls, weights: str | Path | None = None, device: str | torch.device = "cpu", **kwargs) -> "Segmenter":
+        """Load weights (a directory, file, hub id, or ``None`` for the default) and wrap them."""
+        from .pretrained import resolve_weights
+
+        path = resolve_weights(weights)
+        model = load_model(path, device=device)
+        wdir = Path(path) if Path(str(path)).is_dir() else None
+        return cls(model, device=device, weights_dir=wdir, **kwargs)
+
+    # ------------------------------------------------------------------ text
+    @torch.no_grad()
+    def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
+        """Texts -> (N, D) L2-normalised embeddings, batched."""
+        outs = []
+        for i in range(0, len(texts), batch_size):
+            ids = self.tokenizer(list(texts[i : i + batch_size])).to(self.device)
+            outs.append(self.model.encode_text(ids).float())
+        if not outs:
+            return torch.zeros(0, self.cfg.embed_dim)
+        return torch.cat(outs)
+
+    @torch.no_grad()
+    def word_embeddings(self, words: Sequence[str]) -> torch.Tensor:
+        """(N, D) prompt-ensembled embeddings of single names, through the cache."""
+        missing = [w for w in dict.fromkeys(words) if (self._templates_key, w) not in self._cache]
+        if missing:
+            prompts = [t.format(w) for w in missing for t in self.templates]
+            emb = self.encode_texts(prompts).view(len(missing), len(self.templates), -1)
+            emb = F.normalize(F.normalize(emb, dim=-1).mean(dim=1), dim=-1)
+            for w, e in zip(missing, emb):
+                self._cache[(self._templates_key, w)] = e
+        return torch.stack([self._cache[(self._templates_key, w)] for w in words])
+
+    def class_embeddings(self, vocab: str | Sequence[str]) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+        """Vocabulary -> (labels, synonym embeddings (S, D), synonym -> class index (S,))."""
+        entries = normalize_vocab(vocab)
+        names, owner = [], []
+        for c, e in enumerate(entries):
+            for n in parse_class(e):
+                names.append(n)
+                owner.append(c)
+        labels = [parse_class(e)[0] for e in entries]
+        return labels, self.word_embeddings(names), torch.tensor(owner)
+
+    # ------------------------------------------------------------------ images
+    @torch.no_grad()
+    def encode_images(self, images: Sequence[ImageLike], batch_size: int = 32) -> torch.Tensor:
+        """Images -> (N, D) L2-normalised embeddings at the model's training resolution."""
+        s = self.cfg.vision.image_size
+        outs = []
+        for i in range(0, len(images), batch_size):
+            px = torch.stack([
+                to_tensor(load_image(im), (s, s), self.cfg.image_mean, self.cfg.image_std) for im in images[i : i + batch_size]
+            ]).to(self.device)
+            outs.append(self.model.encode_image(px).float())
+        if not outs:
+            return torch.zeros(0, self.cfg.embed_dim)
+        return torch.cat(outs)
+
+    def _class_probs(self, g: dict, text: torch.Tensor, owner: torch.Tensor, num_classes: int, top_k: int) -> torch.Tensor:
+        """Per-segment class probabilities (B, G, C) from group/image embeddings."""
+        scale = self.model.logit_scale.exp().clamp(max=100).float()
+        groups = g["group_embeds"].float()  # (B, G, D)
+        text = text.to(groups.device)
+        idx = owner.to(groups.device)
+
+        def per_class(sim: torch.Tensor) -> torch.Tensor:  # (..., S) -> (..., C), max over synonyms
+            out = sim.new_full((*sim.shape[:-1], num_classes), float("-inf"))
+            return out.scatter_reduce(-1, idx.expand_as(sim), sim, reduce="amax")
+
+        logits = per_class(groups @ text.T) * scale  # (B, G, C)
+        probs = logits.softmax(-1)
+        if top_k and top_k < num_classes:
+            img = per_class(g["image_embeds"].float() @ text.T) * scale  # (B, C)
+            keep = torch.zeros_like(img, dtype=torch.bool).scatter_(-1, img.topk(top_k, dim=-1).indices, True)
+            probs = logits.masked_fill(~keep[:, None, :], float("-inf")).softmax(-1) * probs
+        return probs
+
+    @torch.no_grad()
+    def _window(self, px: torch.Tensor, text, owner, C, top_k) -> tuple[torch.Tensor, torch.Tensor]:
+        """One (3, h, w) crop -> class probabilities per segment (G, C) and segment index per pixel (h, w)."""
+        g = self.model.encode_groups(px[None].to(self.device))
+        probs = self._class_probs(g, text, owner, C, top_k)[0]  # (G, C)
+        grouping = F.interpolate(g["grouping"].float(), size=px.shape[-2:], mode="bilinear", align_corners=False)
+        return probs, grouping[0].argmax(0)  # (h, w)
+
+    def segment(
+        self,
+        image: ImageLike,
+        vocab: str | Sequence[str],
+        threshold: float | None = None,
+        top_k: int | None = None,
+    ) -> SegmentationResult:
+        """Label every pixel of ``image`` with one of the classes of ``vocab``.
+
+        Args:
+            image: path, PIL image, array or tensor.
+            vocab: a comma-separated string or a list of classes (synonyms with ``;``).
+            threshold: background threshold on the class probability (default: the Segmenter's).
+            top_k: image-level class filter (default: the Segmenter's).
+        """
+        t0 = time.perf_counter()
+        labels, text, owner = self.class_embeddings(vocab)
+        t1 = time.perf_counter()
+        img = load_image(image)
+        W0, H0 = img.size
+        C = len(labels)
+        threshold = self.threshold if threshold is None else threshold
+        top_k = self.top_k if top_k is None else top_k
+        patch = self.cfg.vision.patch_size
+        h, w = target_size(H0, W0, self.short_side, patch)
+        px = to_tensor(img, (h, w), self.cfg.image_mean, self.cfg.image_std)
+        win = self.window
+        windows = sliding_windows(h, w, win, max(patch, (win * 2 // 3) // patch * patch)) if win else [(0, 0)]
+        parts = []
+        for y, x in windows:
+            crop = px[:, y : y + win, x : x + win] if win else px
+            probs, gidx = self._window(crop, text, owner, C, top_k)
+            parts.append((y, x, probs.cpu(), gidx.cpu()))
+        t2 = time.perf_counter()
+
+        def scores_at(size: tuple[int, int], classes: slice = slice(None)) -> torch.Tensor:
+            """Average window scores (c, h, w) at the resized resolution, then resize to ``size``."""
+            if len(parts) == 1:
+                probs, gidx = parts[0][2], resize_nearest(parts[0][3], size)
+                return probs[:, classes].T[:, gidx]  # (c, H, W)
+            acc = count = None
+            for y, x, probs, gidx in parts:
+                s = probs[:, classes].T[:, gidx]  # (c, hw, ww)
+                if acc is None:
+                    acc = torch.zeros(s.shape[0], h, w)
+                    count = torch.zeros(h, w)
+                acc[:, y : y + s.shape[1], x : x + s.shape[2]] += s
+                count[y : y + s.shape[1], x : x + s.shape[2]] += 1
+            acc /= count
+            return F.interpolate(acc[None], size=size, mode="nearest")[0] if tuple(size) != (h, w) else acc
+
+        if len(parts) == 1:
+            probs, gidx = parts[0][2], resize_nearest(parts[0][3], (H0, W0))
+            best, seg_label = probs.max(dim=1)  # per segment
+            label = seg_label[gidx]
+            conf = best[gidx]
+        else:  # running max over class chunks keeps memory bounded for large vocabularies
+            conf = torch.full((h, w), -1.0)
+            label = torch.zeros((h, w), dtype=torch.long)
+            for c0 in range(0, C, 64):
+                s = scores_at((h, w), slice(c0, c0 + 64))
+                v, i = s.max(0)
+                better = v > conf
+                conf = torch.where(better, v, conf)
+                label = torch.where(better, i + c0, label)
+            label, conf = resize_nearest(label, (H0, W0)), F.interpolate(conf[None, None], size=(H0, W0), mode="nearest")[0, 0]
+        small = C < BACKGROUND
+        lm = label.numpy().astype(np.uint8 if small else np.int32)
+        if threshold > 0:
+            lm[(conf < threshold).numpy()] = BACKGROUND if small else -1
+        t3 = time.perf_counter()
+        timing = {"text": t1 - t0, "model": t2 - t1, "total": t3 - t0}
+        return SegmentationResult(lm, labels, img, timing, _scores_fn=lambda: scores_at((H0, W0)))

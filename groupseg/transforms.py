@@ -1,0 +1,128 @@
+"""Image loading and inference preprocessing."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Sequence, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+ImageLike = Union[str, Path, Image.Image, np.ndarray, torch.Tensor]
+
+
+class ImageError(ValueError):
+    """An input image that cannot be used; the message names it and the problem."""
+
+
+def _to_uint8(arr: np.ndarray) -> np.ndarray:
+    if arr.dtype == np.uint8:
+        return arr
+    if arr.dtype == np.bool_:
+        return arr.astype(np.uint8) * 255
+    arr = arr.astype(np.float64)
+    if np.issubdtype(arr.dtype, np.floating) and arr.size and arr.max() <= 1.0 and arr.min() >= 0.0:
+        arr = arr * 255.0  # float images in [0, 1]
+    else:
+        hi = arr.max() if arr.size else 1.0
+        arr = arr * (255.0 / hi) if hi > 255 else arr  # 16-bit and other wide ranges: scale to 8 bits
+    return np.clip(np.rint(arr), 0, 255).astype(np.uint8)
+
+
+def _pil_to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        return Image.fromarray(_to_uint8(np.asarray(img))).convert("RGB")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")  # transparent -> white
+    return img.convert("RGB")  # L, P, CMYK, YCbCr, 1, ...
+
+
+def load_image(image: ImageLike, name: str | None = None) -> Image.Image:
+    """Any supported input -> an RGB ``PIL.Image``, EXIF orientation applied.
+
+    Accepts a path, a PIL image, an (H, W) / (H, W, 3|4) array (uint8, uint16 or float
+    in [0, 1]) or a (3, H, W) tensor. Raises ``FileNotFoundError`` or ``ImageError``
+    with a one-line message naming the image.
+    """
+    if isinstance(image, (str, Path)):
+        path = Path(image)
+        label = name or str(path)
+        if not path.exists():
+            raise FileNotFoundError(f"image not found: {label}")
+        if path.is_dir():
+            raise ImageError(f"{label}: is a directory, not an image")
+        try:
+            with Image.open(path) as im:
+                im = ImageOps.exif_transpose(im)
+                im.load()
+                return _pil_to_rgb(im)
+        except Image.DecompressionBombError:
+            raise ImageError(f"{label}: image too large for PIL's safety limit (Image.MAX_IMAGE_PIXELS)") from None
+        except UnidentifiedImageError:
+            raise ImageError(f"{label}: not a readable image file") from None
+        except (OSError, SyntaxError, ValueError) as e:
+            raise ImageError(f"{label}: unreadable or truncated image ({e})") from None
+    label = name or "image"
+    if isinstance(image, Image.Image):
+        return _pil_to_rgb(ImageOps.exif_transpose(image))
+    if isinstance(image, torch.Tensor):
+        t = image.detach().cpu()
+        if t.ndim == 4 and t.shape[0] == 1:
+            t = t[0]
+        if t.ndim != 3 or t.shape[0] not in (1, 3, 4):
+            raise ImageError(f"{label}: tensor of shape {tuple(t.shape)} is not (C, H, W) with C in 1, 3, 4")
+        image = t.permute(1, 2, 0).numpy()
+    if isinstance(image, np.ndarray):
+        arr = image
+        if arr.ndim == 3 and arr.shape[2] == 1:
+            arr = arr[..., 0]
+        if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] not in (3, 4)) or 0 in arr.shape:
+            raise ImageError(f"{label}: array of shape {arr.shape} is not an (H, W) or (H, W, 3|4) image")
+        arr = _to_uint8(arr)
+        return _pil_to_rgb(Image.fromarray(arr))
+    raise ImageError(f"{label}: unsupported image type {type(image).__name__}")
+
+
+def target_size(height: int, width: int, short_side: int, multiple: int) -> tuple[int, int]:
+    """Resize so the short side is ``short_side``, both sides rounded to a multiple of ``multiple``."""
+    scale = short_side / min(height, width)
+    h = max(multiple, int(round(height * scale / multiple)) * multiple)
+    w = max(multiple, int(round(width * scale / multiple)) * multiple)
+    return h, w
+
+
+def to_tensor(img: Image.Image, size: tuple[int, int], mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """RGB PIL -> normalised (3, H, W) float tensor at ``size`` (antialiased resize on uint8)."""
+    from torchvision.transforms.v2 import functional as TF
+
+    t = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)  # (3, H, W) uint8
+    if tuple(t.shape[1:]) != tuple(size):
+        t = TF.resize(t, list(size), antialias=True)
+    x = t.float().div_(255.0)
+    m = torch.tensor(mean).view(3, 1, 1)
+    s = torch.tensor(std).view(3, 1, 1)
+    return (x - m) / s
+
+
+def sliding_windows(height: int, width: int, window: int, stride: int) -> list[tuple[int, int]]:
+    """Top-left corners of windows covering an (height, width) image."""
+    def starts(n: int) -> list[int]:
+        if n <= window:
+            return [0]
+        k = math.ceil((n - window) / stride) + 1
+        return sorted({min(i * stride, n - window) for i in range(k)})
+
+    return [(y, x) for y in starts(height) for x in starts(width)]
+
+
+def resize_nearest(labels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Nearest-neighbour resize of an (H, W) integer map."""
+    if tuple(labels.shape) == tuple(size):
+        return labels
+    return F.interpolate(labels[None, None].float(), size=size, mode="nearest")[0, 0].to(labels.dtype)

@@ -1,0 +1,94 @@
+import torch
+
+import groupseg
+from groupseg.layers.grouping import AssignAttention, gumbel_softmax, hard_softmax
+
+
+def test_hard_softmax_is_one_hot_with_soft_gradient():
+    logits = torch.randn(2, 5, 7, requires_grad=True)
+    y = hard_softmax(logits, dim=1)
+    assert torch.allclose(y.detach().sum(1), torch.ones(2, 7))
+    assert set(y.detach().unique().tolist()) <= {0.0, 1.0}
+    (y * torch.randn_like(y)).sum().backward()
+    assert logits.grad is not None and logits.grad.abs().sum() > 0
+
+
+def test_gumbel_softmax_samples_are_one_hot_and_random():
+    torch.manual_seed(0)
+    logits = torch.zeros(1, 4, 1000)
+    y = gumbel_softmax(logits, dim=1, hard=True)
+    assert torch.equal(y.sum(1), torch.ones(1, 1000))
+    counts = y.sum(-1)[0]
+    assert (counts > 150).all(), counts  # roughly uniform over 4 groups
+
+
+def test_assign_attention_eval_is_deterministic_and_train_is_stochastic():
+    torch.manual_seed(0)
+    a = AssignAttention(16)
+    g, x = torch.randn(2, 4, 16), torch.randn(2, 30, 16)
+    a.eval()
+    o1, s1 = a(g, x)
+    o2, _ = a(g, x)
+    assert torch.equal(o1, o2)
+    assert s1.shape == (2, 4, 30) and torch.allclose(s1.sum(1), torch.ones(2, 30))
+    a.train()
+    o3, _ = a(g, x)
+    o4, _ = a(g, x)
+    assert not torch.equal(o3, o4)
+
+
+def test_model_forward_backward_shapes_no_nans():
+    torch.manual_seed(0)
+    m = groupseg.create_model("groupvit-tiny-test").train()
+    px = torch.randn(3, 3, 32, 32)
+    ids = torch.randint(1, 49000, (3, 4, 10))
+    ids[..., -1] = 49407
+    out = m(px, ids)
+    assert out["image_embeds"].shape == (3, 16) and out["text_embeds"].shape == (3, 4, 16)
+    assert torch.allclose(out["image_embeds"].norm(dim=-1), torch.ones(3), atol=1e-5)
+    loss = out["image_embeds"].sum() + out["text_embeds"].sum() + out["logit_scale"]
+    loss.backward()
+    grads = {n: p.grad for n, p in m.named_parameters() if n != "multi_label_logit_scale"}
+    missing = [n for n, g in grads.items() if g is None]
+    assert not missing, missing  # every weight is reached by the gradient
+    assert all(torch.isfinite(g).all() for g in grads.values())
+    assert m.visual.stages[0].group_token.grad.abs().sum() > 0
+
+
+def test_grad_checkpointing_gives_same_output_and_grads():
+    torch.manual_seed(0)
+    m = groupseg.create_model("groupvit-tiny-test").eval()  # eval: no Gumbel noise
+    px = torch.randn(2, 3, 32, 32)
+    ids = torch.tensor([[49406, 320, 1929, 49407], [49406, 530, 49407, 0]])
+
+    def run():
+        m.zero_grad()
+        out = m(px, ids)
+        (out["image_embeds"] @ out["text_embeds"].T).sum().backward()
+        return out["image_embeds"].detach(), m.visual.stages[0].blocks[0].attn.qkv.weight.grad.clone()
+
+    e1, g1 = run()
+    m.set_grad_checkpointing(True)
+    e2, g2 = run()
+    assert torch.allclose(e1, e2, atol=1e-6) and torch.allclose(g1, g2, atol=1e-6)
+
+
+def test_text_padding_trim_is_exact():
+    torch.manual_seed(0)
+    m = groupseg.create_model("groupvit-tiny-test").eval()
+    ids = torch.zeros(2, 77, dtype=torch.long)
+    ids[0, :4] = torch.tensor([49406, 320, 1929, 49407])
+    ids[1, :3] = torch.tensor([49406, 530, 49407])
+    full = m.encode_text(ids)
+    short = m.encode_text(ids[:, :4])
+    assert torch.allclose(full, short, atol=1e-6)
+
+
+def test_any_input_size_and_no_weight_decay():
+    m = groupseg.create_model("groupvit-tiny-test").eval()
+    with torch.no_grad():
+        g = m.encode_groups(torch.randn(1, 3, 48, 80))
+    assert g["grid"] == (6, 10) and g["grouping"].shape == (1, 4, 6, 10)
+    nwd = m.no_weight_decay()
+    assert "visual.pos_embed" in nwd and "visual.stages.0.group_token" in nwd
+    assert "visual.stages.0.blocks.0.attn.qkv.weight" not in nwd

@@ -1,0 +1,186 @@
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import groupseg
+from groupseg.cli import main as cli_main
+from groupseg.segment import Segmenter
+from groupseg.transforms import ImageError, load_image, sliding_windows
+
+
+@pytest.fixture
+def seg(tiny_weights):
+    return Segmenter.from_pretrained(tiny_weights, short_side=64, templates="simple")
+
+
+@pytest.fixture
+def images(tmp_path):
+    """Awkward inputs written as files."""
+    rng = np.random.default_rng(0)
+    d = tmp_path / "imgs"
+    d.mkdir()
+    rgb = rng.integers(0, 255, (40, 60, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(d / "rgb.png")
+    Image.fromarray(rgb).save(d / "full.jpg", quality=90)
+    data = (d / "full.jpg").read_bytes()
+    (d / "truncated.jpg").write_bytes(data[: len(data) // 2])
+    (d / "notimage.jpg").write_text("hello")
+    Image.fromarray((rng.integers(0, 65535, (30, 50))).astype(np.uint16)).save(d / "deep16.png")
+    Image.fromarray(rgb).convert("CMYK").save(d / "cmyk.jpg")
+    rgba = np.dstack([rgb, np.full((40, 60), 128, np.uint8)])
+    Image.fromarray(rgba, "RGBA").save(d / "rgba.png")
+    Image.fromarray(rgb[:1, :1]).save(d / "one.png")
+    im = Image.fromarray(rgb)
+    exif = im.getexif()
+    exif[0x0112] = 6  # rotate 90 degrees on display
+    im.save(d / "exif.jpg", exif=exif)
+    return d
+
+
+def test_bad_images_load_or_fail_clearly(images):
+    for name in ("rgb.png", "deep16.png", "cmyk.jpg", "rgba.png", "one.png"):
+        im = load_image(images / name)
+        assert im.mode == "RGB"
+    assert load_image(images / "exif.jpg").size == (40, 60)  # rotated: W and H swap
+    with pytest.raises(ImageError, match="truncated.jpg"):
+        load_image(images / "truncated.jpg")
+    with pytest.raises(ImageError, match="notimage.jpg.*not a readable image"):
+        load_image(images / "notimage.jpg")
+    with pytest.raises(FileNotFoundError, match="missing.png"):
+        load_image(images / "missing.png")
+    a16 = np.asarray(Image.open(images / "deep16.png"))
+    assert np.asarray(load_image(a16)).max() > 200  # 16-bit is rescaled, not clipped to white/black
+    assert load_image(torch.rand(3, 5, 7)).size == (7, 5)
+
+
+def test_segment_shapes_and_ranges(seg, images):
+    for name in ("rgb.png", "deep16.png", "cmyk.jpg", "rgba.png", "one.png", "exif.jpg"):
+        out = seg.segment(images / name, ["sky", "road;street", "car"])
+        w, h = load_image(images / name).size
+        assert out.label_map.shape == (h, w) and out.label_map.dtype == np.uint8
+        assert out.label_map.max() < 3
+        assert out.scores.shape == (3, h, w)
+        assert torch.allclose(out.scores.sum(0), torch.ones(h, w), atol=1e-4)
+        assert np.array_equal(out.scores.argmax(0).numpy(), out.label_map)
+        assert out.classes == ["sky", "road", "car"]
+
+
+def test_threshold_marks_background(seg, images):
+    out = seg.segment(images / "rgb.png", ["a", "b", "c", "d"], threshold=0.99)
+    assert (out.label_map == 255).all()  # nothing is 99 % sure among 4 random classes
+    out = seg.segment(images / "rgb.png", ["a", "b", "c", "d"], threshold=0.0)
+    assert (out.label_map < 4).all()
+
+
+def test_sliding_window_and_large_images(tiny_weights):
+    s = Segmenter.from_pretrained(tiny_weights, short_side=32, window=32, templates="simple")
+    img = np.random.default_rng(1).integers(0, 255, (300, 1500, 3), dtype=np.uint8)  # very wide
+    out = s.segment(img, "a,b")
+    assert out.label_map.shape == (300, 1500)
+    assert torch.allclose(out.scores.sum(0), torch.ones(300, 1500), atol=1e-4)
+    big = np.zeros((3000, 4000, 3), dtype=np.uint8)
+    assert s.segment(big, "a,b").label_map.shape == (3000, 4000)
+    assert sliding_windows(32, 100, 32, 21) == [(0, 0), (0, 21), (0, 42), (0, 63), (0, 68)]
+
+
+def test_vocabulary_errors(seg, images):
+    with pytest.raises(ValueError, match="empty vocabulary"):
+        seg.segment(images / "rgb.png", [])
+    with pytest.raises(ValueError, match="empty vocabulary"):
+        seg.segment(images / "rgb.png", " , ")
+    with pytest.raises(ValueError, match="duplicate class 'Car'"):
+        seg.segment(images / "rgb.png", "car,road,Car")
+
+
+def test_text_cache_encodes_each_word_once(seg):
+    calls = []
+    orig = seg.encode_texts
+    seg.encode_texts = lambda texts, **kw: calls.append(len(texts)) or orig(texts, **kw)
+    e1 = seg.word_embeddings(["dog", "cat"])
+    e2 = seg.word_embeddings(["cat", "dog", "bird"])
+    assert calls == [2 * len(seg.templates), 1 * len(seg.templates)]
+    assert torch.equal(e1[0], e2[1])
+
+
+def test_embedding_api(seg, images):
+    t = seg.encode_texts(["a dog", "a cat", "a road"])
+    i = seg.encode_images([images / "rgb.png", load_image(images / "cmyk.jpg")])
+    assert t.shape == (3, 16) and i.shape == (2, 16)
+    assert torch.allclose(t.norm(dim=-1), torch.ones(3), atol=1e-5)
+    assert torch.allclose(i.norm(dim=-1), torch.ones(2), atol=1e-5)
+
+
+def test_real_photo(seg, camvid_image):
+    out = seg.segment(camvid_image, "sky,building,road,tree,car,pedestrian;person")
+    assert out.label_map.shape == (360, 480)
+    fr = out.fractions()
+    assert abs(sum(fr.values()) - 1) < 1e-6
+    ov = out.overlay()
+    assert ov.size == (480, 360) and ov.mode == "RGB"
+
+
+def test_cli_writes_three_files(tiny_weights, images, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("GROUPSEG_WEIGHTS", str(tiny_weights))
+    out = tmp_path / "out"
+    rc = cli_main(["segment", str(images / "rgb.png"), str(images / "cmyk.jpg"), "--vocab", "sky,road,car",
+                   "--out", str(out), "--short-side", "64", "--templates", "simple", "--quiet"])
+    assert rc == 0
+    lab = Image.open(out / "rgb_labels.png")
+    assert lab.mode == "L" and lab.size == (60, 40) and np.asarray(lab).max() <= 2
+    assert Image.open(out / "rgb_overlay.png").size == (60, 40)
+    meta = json.loads((out / "rgb.json").read_text())
+    assert meta["classes"] == ["sky", "road", "car"]
+    assert abs(sum(meta["fractions"].values()) - 1) < 1e-6 and "total" in meta["timing"]
+    assert (out / "cmyk_labels.png").exists()
+
+
+def test_cli_directory_and_vocab_file(tiny_weights, images, tmp_path, monkeypatch):
+    monkeypatch.setenv("GROUPSEG_WEIGHTS", str(tiny_weights))
+    vf = tmp_path / "words.txt"
+    vf.write_text("# my classes\nsky\nperson;pedestrian\n")
+    out = tmp_path / "o"
+    rc = cli_main(["segment", str(images), "--vocab-file", str(vf), "--out", str(out), "--short-side", "32", "--quiet"])
+    assert rc == 1  # two of the files are broken: the rest are written, the run reports failure
+    assert (out / "rgb_labels.png").exists() and (out / "exif_overlay.png").exists()
+    assert not (out / "truncated_labels.png").exists()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["segment", "{imgs}/missing.jpg", "--vocab", "a"], "image not found"),
+        (["segment", "{imgs}/truncated.jpg", "--vocab", "a"], "truncated.jpg"),
+        (["segment", "{imgs}/rgb.png", "--vocab", ""], "empty vocabulary"),
+        (["segment", "{imgs}/rgb.png", "--vocab", "car,car"], "duplicate class"),
+        (["segment", "{imgs}/rgb.png", "--vocab-file", "{imgs}/nowords.txt"], "vocabulary file not found"),
+        (["segment", "{imgs}/rgb.png"], "no vocabulary"),
+        (["segment", "{imgs}/rgb.png", "--vocab", "a", "--weights", "{imgs}/noweights"], "weights not found"),
+    ],
+)
+def test_cli_errors_are_one_line(args, message, tiny_weights, images, tmp_path):
+    argv = [a.replace("{imgs}", str(images)) for a in args] + ["--out", str(tmp_path / "o"), "--short-side", "32"]
+    env = {"GROUPSEG_WEIGHTS": str(tiny_weights), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    r = subprocess.run([sys.executable, "-m", "groupseg.cli", *argv], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode != 0
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert any(message in ln for ln in lines), r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_no_default_weights_says_how_to_get_them(tmp_path, monkeypatch):
+    monkeypatch.delenv("GROUPSEG_WEIGHTS", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr("groupseg.pretrained.SHIPPED_DIR", tmp_path / "none")
+    with pytest.raises(groupseg.CheckpointError, match="no default weights found.*--weights"):
+        Segmenter.from_pretrained()
+
+
+def test_import_is_light():
+    code = "import sys, groupseg; groupseg.load_model; bad = [m for m in ('webdataset', 'accelerate', 'training', 'eval', 'nltk') if m in sys.modules]; print(bad)"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.stdout.strip() == "[]", r.stdout + r.stderr
