@@ -1,0 +1,458 @@
+"""Pretrain GroupViT from image-text shards with the multi-label contrastive loss.
+
+    groupseg train --config training/configs/flickr8k-tiny.yaml [--key value ...]
+    accelerate launch -m training.main --config ... [--key value ...]
+
+Kill it at any moment; ``--resume auto`` continues from the latest complete checkpoint
+(model, optimizer, scheduler, scaler, RNG states and data position), bitwise exactly on
+CPU with a fixed seed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import groupseg
+from groupseg.loss import MultiLabelContrastiveLoss
+
+from .checkpoint import latest_checkpoint, read_state, save_checkpoint
+from .config import TrainConfig, load_config, parse_overrides
+
+log = logging.getLogger("groupseg.train")
+
+
+# --------------------------------------------------------------------------- building blocks
+def cpu_has_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(p: str) -> str:
+    """``auto`` -> bf16 on GPUs with bf16 and CPUs with native bf16 (AVX512-BF16/AMX), else fp32."""
+    if p != "auto":
+        return p
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if cpu_has_bf16() else "fp32"
+
+
+def build_model(cfg: TrainConfig) -> groupseg.GroupViT:
+    if cfg.init_weights:
+        model = groupseg.load_model(cfg.init_weights)
+    else:
+        if Path(cfg.model).suffix == ".json":
+            mcfg = groupseg.ModelConfig.load(cfg.model)
+        else:
+            mcfg = groupseg.get_model_config(cfg.model)
+        if cfg.model_overrides:
+            d = mcfg.to_dict()
+            _deep_update(d, cfg.model_overrides)
+            mcfg = groupseg.ModelConfig.from_dict(d)
+        if cfg.text_encoder:
+            from .text_encoders import hf_text_config
+
+            mcfg.text = hf_text_config(cfg.text_encoder, mcfg.text.context_length)
+        model = groupseg.GroupViT(mcfg)
+        if cfg.text_encoder:
+            from .text_encoders import load_hf_text_weights
+
+            load_hf_text_weights(model, cfg.text_encoder)
+    if cfg.lock_text:
+        for p in model.text.parameters():
+            p.requires_grad_(False)
+    if cfg.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    model.train()
+    if cfg.lock_text:
+        model.text.eval()  # frozen: no dropout, features can be cached
+    return model
+
+
+class TextFeatureCache:
+    """Text-tower outputs of a locked tower, computed once per distinct string (LiT-style).
+
+    With the text tower frozen, a caption's features never change: caching them makes a
+    training step cost only the vision tower and the projections.
+    """
+
+    def __init__(self, model: groupseg.GroupViT, tokenizer, device: torch.device, batch_size: int = 256) -> None:
+        self.model, self.tokenizer, self.device, self.batch_size = model, tokenizer, device, batch_size
+        self.store: dict[str, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def __call__(self, texts: list[list[str]]) -> torch.Tensor:
+        """(B lists of T strings) -> (B, T, width) features."""
+        missing = list(dict.fromkeys(t for row in texts for t in row if t not in self.store))
+        for i in range(0, len(missing), self.batch_size):
+            chunk = missing[i : i + self.batch_size]
+            feats = self.model.text(self.tokenizer(chunk).to(self.device)).float().cpu()
+            self.store.update(zip(chunk, feats))
+        return torch.stack([torch.stack([self.store[t] for t in row]) for row in texts]).to(self.device)
+
+
+def _deep_update(d: dict, u: dict) -> None:
+    for k, v in u.items():
+        if isinstance(v, dict) and isinstance(d.get(k), dict):
+            _deep_update(d[k], v)
+        else:
+            d[k] = v
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on norms, biases, embeddings and group tokens."""
+    skip = model.no_weight_decay()
+    decay = [p for n, p in model.named_parameters() if p.requires_grad and n not in skip]
+    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and n in skip]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    kw: dict[str, Any] = {"lr": cfg.lr, "betas": cfg.betas, "eps": cfg.eps}
+    if torch.cuda.is_available():
+        kw["fused"] = True
+    return torch.optim.AdamW(groups, **kw)
+
+
+def build_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int, warmup: int):
+    """Linear warm-up to ``lr``, then cosine decay to ``min_lr``."""
+    floor = cfg.min_lr / cfg.lr if cfg.lr else 0.0
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        t = (step - warmup) / max(1, total_steps - warmup)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def count_samples(urls: list[str]) -> int:
+    """Samples in local shards (one per distinct key), read from the tar indexes."""
+    import tarfile
+
+    n = 0
+    for u in urls:
+        with tarfile.open(u) as tf:
+            keys = {m.name.rsplit("/", 1)[-1].split(".", 1)[0] for m in tf.getmembers() if m.isfile()}
+        n += len(keys)
+    return n
+
+
+# --------------------------------------------------------------------------- the run
+class Trainer:
+    """State and loop of one training run."""
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+
+        from . import data as D
+
+        self.cfg = cfg
+        self.D = D
+        self.out = Path(cfg.output_dir)
+        self.precision = resolve_precision(cfg.precision)
+        self.accelerator = Accelerator(
+            mixed_precision="no" if self.precision == "fp32" else self.precision,
+            gradient_accumulation_steps=cfg.grad_accum,
+            log_with=None if cfg.tracker == "none" else cfg.tracker,
+            project_dir=str(self.out),
+        )
+        acc = self.accelerator
+        set_seed(cfg.seed)
+        if not cfg.train_data:
+            raise ValueError("no training data: set train_data to a shard pattern (e.g. shards/train-{000000..000009}.tar)")
+        self.urls = D.expand_urls(cfg.train_data)
+        if cfg.resampled and not cfg.epoch_samples:
+            raise ValueError("resampled=true needs epoch_samples (samples per epoch)")
+        self.epoch_samples = cfg.epoch_samples or count_samples(self.urls)
+        world = acc.num_processes
+        self.batches_per_epoch = self.epoch_samples // (cfg.batch_size * world)
+        if self.batches_per_epoch < cfg.grad_accum:
+            raise ValueError(
+                f"{self.epoch_samples} samples give no full batch of {cfg.batch_size} x {world} processes x {cfg.grad_accum} accumulation"
+            )
+        self.steps_per_epoch = self.batches_per_epoch // cfg.grad_accum
+        total = self.steps_per_epoch * cfg.epochs
+        self.total_steps = min(total, cfg.max_steps) if cfg.max_steps else total
+        warmup = cfg.warmup_steps or int(cfg.warmup_epochs * self.steps_per_epoch)
+        self.warmup = min(warmup, max(0, self.total_steps - 1))
+
+        model = build_model(cfg)
+        self.model_cfg = model.cfg
+        opt = build_optimizer(model, cfg)
+        self.scheduler = build_scheduler(opt, cfg, self.total_steps, self.warmup)
+        if cfg.compile:
+            model = torch.compile(model)
+        self.model, self.optimizer = acc.prepare(model, opt)
+        acc.register_for_checkpointing(self.scheduler)
+        self.text_cache = TextFeatureCache(self.unwrapped, self._tokenizer(), acc.device) if cfg.lock_text else None
+        if cfg.text_encoder:
+            from .text_encoders import copy_tokenizer
+
+            self._export_extra = lambda d: copy_tokenizer(cfg.text_encoder, d)
+        self.loss_fn = MultiLabelContrastiveLoss(cfg.multi_label_weight, acc.process_index, acc.num_processes)
+        self.step = 0
+        self.epoch = 0
+        self.batch_in_epoch = 0
+        self.skipped: dict[str, int] = {}
+        self.history: list[dict[str, float]] = []
+
+    # ------------------------------------------------------------------ checkpoints
+    @property
+    def unwrapped(self) -> groupseg.GroupViT:
+        m = self.accelerator.unwrap_model(self.model)
+        return getattr(m, "_orig_mod", m)
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+            "total_steps": self.total_steps, "skipped": self.skipped, "model_config": self.model_cfg.to_dict(),
+        }
+
+    def save(self) -> None:
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            save_checkpoint(self.out, self.step, lambda d: acc.save_state(str(d)), self.state(), self.cfg.keep_last)
+            self.export(self.out / "model")
+        acc.wait_for_everyone()
+
+    def export(self, directory: Path) -> None:
+        """The model in groupseg's format, atomically (``groupseg segment --weights DIR`` reads it)."""
+        import shutil
+
+        dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[self.cfg.export_dtype]
+        tmp = directory.with_name(directory.name + ".tmp")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        self.unwrapped.save_pretrained(tmp, dtype=dtype)
+        extra = getattr(self, "_export_extra", None)
+        if extra:
+            extra(tmp)
+        if directory.exists():
+            shutil.rmtree(directory)
+        tmp.rename(directory)
+
+    def resume(self) -> None:
+        cfg = self.cfg
+        if not cfg.resume:
+            return
+        if cfg.resume == "auto":
+            ckpt = latest_checkpoint(self.out)
+            if ckpt is None:
+                log.info("no checkpoint in %s: starting fresh", self.out)
+                return
+        else:
+            ckpt = Path(cfg.resume)
+        st = read_state(ckpt)
+        if st.get("model_config") != self.model_cfg.to_dict():
+            raise ValueError(f"{ckpt}: checkpoint is of a different architecture than this run's model config")
+        self.accelerator.load_state(str(ckpt))
+        self.step, self.epoch, self.batch_in_epoch = st["step"], st["epoch"], st["batch_in_epoch"]
+        self.skipped = st.get("skipped", {})
+        log.info("resumed from %s at step %d (epoch %d, batch %d)", ckpt, self.step, self.epoch, self.batch_in_epoch)
+
+    # ------------------------------------------------------------------ loop
+    def loader(self, epoch: int):
+        cfg, acc, mc = self.cfg, self.accelerator, self.model_cfg
+        pipe = self.D.build_train_pipeline(
+            self.urls, image_size=mc.vision.image_size, mean=mc.image_mean, std=mc.image_std,
+            batch_size=cfg.batch_size, num_prompts=cfg.num_prompts, shuffle=cfg.shuffle_buffer,
+            seed=cfg.seed + 1000 * epoch, resampled=cfg.resampled,
+            epoch_samples=self.batches_per_epoch * cfg.batch_size if cfg.resampled else None,
+            crop_scale=cfg.crop_scale, rank=acc.process_index, world_size=acc.num_processes,
+            tokenizer=self._tokenizer(),
+        )
+        return self.D.build_loader(pipe, cfg.workers)
+
+    def _tokenizer(self):
+        from groupseg.tokenizer import HFTokenizer, get_tokenizer
+
+        if self.model_cfg.text.kind == "hf":
+            from .text_encoders import resolve_encoder_dir
+
+            src = resolve_encoder_dir(self.cfg.text_encoder) if self.cfg.text_encoder else Path(self.cfg.init_weights) / "tokenizer"
+            return HFTokenizer(src, self.model_cfg.text.context_length)
+        return get_tokenizer(self.model_cfg)
+
+    def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+        acc, cfg = self.accelerator, self.cfg
+        px = batch["pixels"].to(acc.device, non_blocking=True)
+        feats = text = None
+        if self.text_cache is not None:
+            feats = self.text_cache(batch["texts"])
+        else:
+            text = batch["text"].to(acc.device, non_blocking=True)
+        with acc.accumulate(self.model):
+            with acc.autocast():
+                out = self.model(px, text, text_features=feats)
+            losses = self.loss_fn(out["image_embeds"], out["text_embeds"], out["logit_scale"], out.get("multi_label_logit_scale"))
+            acc.backward(losses["loss"])
+            if acc.sync_gradients and cfg.clip_grad > 0:
+                acc.clip_grad_norm_(self.model.parameters(), cfg.clip_grad)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        return {k: float(v.detach()) for k, v in losses.items()} | {"logit_scale": float(out["logit_scale"].detach())}
+
+    def fit(self) -> groupseg.GroupViT:
+        from tqdm import tqdm
+
+        acc, cfg = self.accelerator, self.cfg
+        self.out.mkdir(parents=True, exist_ok=True)
+        if acc.is_main_process:
+            cfg.save(self.out / "config.yaml")
+        self.resume()
+        if cfg.tracker != "none":
+            acc.init_trackers("groupseg", config={k: str(v) for k, v in cfg.to_dict().items()})
+        metrics_file = self.out / "metrics.jsonl"
+        bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", disable=not acc.is_main_process)
+        window = {"t": time.perf_counter(), "wait": 0.0, "samples": 0}
+        running: dict[str, float] = {}
+        n_running = 0
+        while self.step < self.total_steps and self.epoch < cfg.epochs:
+            it = iter(self.loader(self.epoch))
+            for _ in range(self.batch_in_epoch):  # replay the data position of a resumed run
+                next(it)
+            while self.batch_in_epoch < self.batches_per_epoch and self.step < self.total_steps:
+                t0 = time.perf_counter()
+                try:
+                    batch = next(it)
+                except StopIteration:
+                    break
+                window["wait"] += time.perf_counter() - t0
+                for k, v in batch.get("skipped", {}).items() if isinstance(batch.get("skipped"), dict) else []:
+                    self.skipped[k] = self.skipped.get(k, 0) + int(v)
+                losses = self.train_step(batch)
+                self.batch_in_epoch += 1
+                window["samples"] += batch["pixels"].shape[0] * acc.num_processes
+                for k, v in losses.items():
+                    running[k] = running.get(k, 0.0) + v
+                n_running += 1
+                if not acc.sync_gradients:
+                    continue
+                self.scheduler.step()
+                self.step += 1
+                bar.update(1)
+                if self.step % cfg.log_every == 0 or self.step == self.total_steps:
+                    dt = time.perf_counter() - window["t"]
+                    rec = {k: v / n_running for k, v in running.items()}
+                    rec |= {
+                        "step": self.step, "epoch": self.epoch, "lr": self.scheduler.get_last_lr()[0],
+                        "samples_per_s": window["samples"] / dt, "data_wait": window["wait"] / dt,
+                        "skipped": sum(self.skipped.values()),
+                    }
+                    bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{rec['lr']:.2e}", sps=f"{rec['samples_per_s']:.1f}")
+                    if acc.is_main_process:
+                        with open(metrics_file, "a") as f:
+                            f.write(json.dumps(rec) + "\n")
+                    acc.log({k: v for k, v in rec.items() if k not in ("step",)}, step=self.step)
+                    running, n_running = {}, 0
+                    window = {"t": time.perf_counter(), "wait": 0.0, "samples": 0}
+                if cfg.eval_every and self.step % cfg.eval_every == 0:
+                    self.evaluate()
+                if self.step % cfg.save_every == 0:
+                    self.save()
+            if self.batch_in_epoch >= self.batches_per_epoch:
+                self.epoch += 1
+                self.batch_in_epoch = 0
+        bar.close()
+        self.save()
+        if cfg.val_data:
+            self.evaluate()
+        if acc.is_main_process:
+            plot_loss_curve(metrics_file, self.out / "loss_curve.png")
+        acc.end_training()
+        return self.unwrapped
+
+    def evaluate(self) -> dict[str, float] | None:
+        """Retrieval recall@K on ``val_data`` (uses eval/ when installed; never required)."""
+        if not self.cfg.val_data or not self.accelerator.is_main_process:
+            return None
+        try:
+            from eval.retrieval import embed_pairs, recall_at_k
+        except ImportError:
+            log.warning("eval package not importable: skipping evaluation")
+            return None
+        model = self.unwrapped
+        was = model.training
+        model.eval()
+        img, cap, owner = embed_pairs(model, self.D.build_eval_pairs(self.cfg.val_data), self._tokenizer())
+        res = recall_at_k(img @ cap.T, owner)
+        model.train(was)
+        if self.cfg.lock_text:
+            model.text.eval()
+        res = {f"val/{k}": v for k, v in res.items()}
+        self.accelerator.log(res, step=self.step)
+        with open(self.out / "eval.jsonl", "a") as f:
+            f.write(json.dumps({"step": self.step, **res}) + "\n")
+        log.info("step %d: %s", self.step, ", ".join(f"{k} {v:.2f}" for k, v in res.items()))
+        return res
+
+
+def plot_loss_curve(metrics_file: Path, png: Path) -> None:
+    """Loss terms and learning rate against steps, from ``metrics.jsonl``."""
+    if not metrics_file.exists():
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    recs = [json.loads(ln) for ln in metrics_file.read_text().splitlines() if ln.strip()]
+    if not recs:
+        return
+    steps = [r["step"] for r in recs]
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    for k in ("loss", "clip_loss", "multi_label_loss"):
+        if k in recs[0]:
+            ax.plot(steps, [r[k] for r in recs], label=k)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax2 = ax.twinx()
+    ax2.plot(steps, [r["lr"] for r in recs], color="grey", ls="--", lw=0.8, label="lr")
+    ax2.set_ylabel("learning rate")
+    ax.legend(loc="upper right")
+    fig.tight_layout()
+    fig.savefig(png)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------- command line
+def add_train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML file setting TrainConfig fields")
+    p.set_defaults(overrides=[])  # any further --key value pairs override config fields
+    p.epilog = (p.epilog or "") + "example:\n  groupseg train --config training/configs/flickr8k-tiny.yaml --batch-size 32 --resume auto\n"
+
+
+def run_train(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    cfg = load_config(args.config, parse_overrides(list(args.overrides or [])))
+    Trainer(cfg).fit()
+    print(f"done: weights in {Path(cfg.output_dir) / 'model'}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="training.main", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_train_args(p)
+    args, rest = p.parse_known_args(argv)
+    args.overrides = rest
+    try:
+        return run_train(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"groupseg train: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
