@@ -71,7 +71,9 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
     from .segment import Segmenter
 
-    vocab = _vocab_from_args(args)
+    vocab = _vocab_from_args(args, required=not args.clusters)
+    if args.clusters < 0:
+        raise UserError(f"--clusters must be a positive number of segments, got {args.clusters}")
     paths = expand_images(args.images)
     seg = Segmenter.from_pretrained(
         args.weights, device=args.device, templates=args.templates, short_side=args.short_side,
@@ -83,7 +85,12 @@ def cmd_segment(args: argparse.Namespace) -> int:
     stems: dict[str, int] = {}
     for path in tqdm(paths, desc="segment", unit="img", disable=len(paths) < 2 or args.quiet):
         try:
-            res = seg.segment(path, vocab)
+            if args.clusters:
+                from .clusters import cluster_segment
+
+                res = cluster_segment(seg, path, args.clusters, vocab)  # vocab names the clusters
+            else:
+                res = seg.segment(path, vocab)
         except (OSError, ValueError) as e:
             print(f"groupseg: error: {e}", file=sys.stderr)
             failed += 1
@@ -134,8 +141,10 @@ def _lazy(module: str, add: str, run: str) -> tuple[Callable, Callable]:
     def add_args(p: argparse.ArgumentParser) -> None:
         try:
             getattr(importlib.import_module(module), add)(p)
-        except ImportError:
-            p.set_defaults(_missing=module)
+        except ModuleNotFoundError as e:
+            if e.name is None or e.name.split(".")[0] in ("training", "eval", "groupseg"):
+                raise  # a bug in our own code, not a missing install
+            p.set_defaults(_missing=f"{module} (missing package {e.name!r})")
 
     def runner(args: argparse.Namespace) -> int:
         return getattr(importlib.import_module(module), run)(args)
@@ -146,6 +155,8 @@ def _lazy(module: str, add: str, run: str) -> tuple[Callable, Callable]:
 EXAMPLES = """examples:
   groupseg segment street.jpg --vocab "sky,road,car,tree,person;pedestrian"
   groupseg segment photos/ --vocab-file words.txt --out results --threshold 0.5
+  groupseg segment street.jpg --clusters 5
+  groupseg eval --dataset camvid --data-root ../shared/data/camvid --split val
   groupseg convert nvidia-groupvit-dir/ my-weights/
   groupseg make-shards --images flickr8k/images --captions Flickr8k.token.txt --out shards/
   groupseg train --config training/configs/flickr8k-tiny.yaml
@@ -170,6 +181,9 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--short-side", type=int, default=448, help="resize so the short side is this many pixels")
     p.add_argument("--window", type=int, default=0, help="sliding-window size for long images (0 = whole image)")
     p.add_argument("--top-k", type=int, default=0, help="keep only the image's k most likely classes (0 = all)")
+    p.add_argument("--clusters", type=int, default=0, metavar="K",
+                   help="vocabulary-free: cluster the segments into K groups and name them from --vocab/--vocab-file "
+                   "or the shipped noun list")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=cmd_segment)
 
@@ -201,7 +215,12 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(argv)
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        if getattr(args, "command", None) == "train":
+            args.overrides = unknown  # --key value pairs overriding TrainConfig fields
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

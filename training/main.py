@@ -204,7 +204,8 @@ class Trainer:
         self.epoch = 0
         self.batch_in_epoch = 0
         self.skipped: dict[str, int] = {}
-        self.history: list[dict[str, float]] = []
+        self.position = D.LoaderPosition()
+        self.resume_position: dict | None = None
 
     # ------------------------------------------------------------------ checkpoints
     @property
@@ -212,17 +213,22 @@ class Trainer:
         m = self.accelerator.unwrap_model(self.model)
         return getattr(m, "_orig_mod", m)
 
-    def state(self) -> dict[str, Any]:
+    def state(self, positions: list) -> dict[str, Any]:
         return {
             "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
             "total_steps": self.total_steps, "skipped": self.skipped, "model_config": self.model_cfg.to_dict(),
+            "positions": positions,  # the data position of every rank
         }
 
     def save(self) -> None:
+        from accelerate.utils import gather_object
+
         acc = self.accelerator
+        positions = gather_object([self.position.state_dict()]) if acc.num_processes > 1 else [self.position.state_dict()]
         acc.wait_for_everyone()
         if acc.is_main_process:
-            save_checkpoint(self.out, self.step, lambda d: acc.save_state(str(d)), self.state(), self.cfg.keep_last)
+            state = self.state(positions)
+            save_checkpoint(self.out, self.step, lambda d: acc.save_state(str(d)), state, self.cfg.keep_last)
             self.export(self.out / "model")
         acc.wait_for_everyone()
 
@@ -254,24 +260,37 @@ class Trainer:
         else:
             ckpt = Path(cfg.resume)
         st = read_state(ckpt)
-        if st.get("model_config") != self.model_cfg.to_dict():
+        if st.get("model_config") != json.loads(json.dumps(self.model_cfg.to_dict())):
             raise ValueError(f"{ckpt}: checkpoint is of a different architecture than this run's model config")
         self.accelerator.load_state(str(ckpt))
         self.step, self.epoch, self.batch_in_epoch = st["step"], st["epoch"], st["batch_in_epoch"]
         self.skipped = st.get("skipped", {})
+        positions = st.get("positions") or []
+        if len(positions) != self.accelerator.num_processes:
+            raise ValueError(f"{ckpt}: saved by {len(positions)} processes, resumed with {self.accelerator.num_processes}")
+        self.resume_position = positions[self.accelerator.process_index]
+        metrics = self.out / "metrics.jsonl"
+        if metrics.exists() and self.accelerator.is_main_process:  # drop what was logged after the checkpoint
+            keep = [ln for ln in metrics.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= self.step]
+            metrics.write_text("".join(ln + "\n" for ln in keep))
         log.info("resumed from %s at step %d (epoch %d, batch %d)", ckpt, self.step, self.epoch, self.batch_in_epoch)
 
     # ------------------------------------------------------------------ loop
-    def loader(self, epoch: int):
+    def loader(self, epoch: int, position: dict | None = None):
+        """The data loader of ``epoch``, continuing from a saved position when given."""
         cfg, acc, mc = self.cfg, self.accelerator, self.model_cfg
         pipe = self.D.build_train_pipeline(
             self.urls, image_size=mc.vision.image_size, mean=mc.image_mean, std=mc.image_std,
             batch_size=cfg.batch_size, num_prompts=cfg.num_prompts, shuffle=cfg.shuffle_buffer,
-            seed=cfg.seed + 1000 * epoch, resampled=cfg.resampled,
-            epoch_samples=self.batches_per_epoch * cfg.batch_size if cfg.resampled else None,
-            crop_scale=cfg.crop_scale, rank=acc.process_index, world_size=acc.num_processes,
-            tokenizer=self._tokenizer(),
+            seed=cfg.seed, resampled=cfg.resampled, drop_last=True,
+            epoch_samples=self.batches_per_epoch * cfg.batch_size * acc.num_processes if cfg.resampled else None,
+            scale=cfg.crop_scale, rank=acc.process_index, world_size=acc.num_processes,
+            tokenizer=None if self.text_cache is not None else self._tokenizer(),
         )
+        if position is not None and position.get("epoch") == epoch:
+            pipe.resume(position)
+        else:
+            pipe.set_epoch(epoch)
         return self.D.build_loader(pipe, cfg.workers)
 
     def _tokenizer(self):
@@ -319,17 +338,21 @@ class Trainer:
         running: dict[str, float] = {}
         n_running = 0
         while self.step < self.total_steps and self.epoch < cfg.epochs:
-            it = iter(self.loader(self.epoch))
-            for _ in range(self.batch_in_epoch):  # replay the data position of a resumed run
-                next(it)
+            with torch.random.fork_rng(devices=[]):  # DataLoader.__iter__ draws a seed: keep the global RNG exact
+                it = iter(self.loader(self.epoch, self.resume_position))
+            if self.resume_position is not None:
+                self.position = self.D.LoaderPosition(self.resume_position)
+                self.resume_position = None
             while self.batch_in_epoch < self.batches_per_epoch and self.step < self.total_steps:
                 t0 = time.perf_counter()
                 try:
-                    batch = next(it)
+                    with torch.random.fork_rng(devices=[]):  # data loading never touches the model's RNG stream
+                        batch = next(it)
                 except StopIteration:
                     break
                 window["wait"] += time.perf_counter() - t0
-                for k, v in batch.get("skipped", {}).items() if isinstance(batch.get("skipped"), dict) else []:
+                self.position.update(batch)
+                for k, v in batch.get("skip_reasons", {}).items():
                     self.skipped[k] = self.skipped.get(k, 0) + int(v)
                 losses = self.train_step(batch)
                 self.batch_in_epoch += 1
@@ -361,11 +384,14 @@ class Trainer:
                     self.evaluate()
                 if self.step % cfg.save_every == 0:
                     self.save()
-            if self.batch_in_epoch >= self.batches_per_epoch:
+            if self.step < self.total_steps:  # this epoch's data is used up: next epoch
                 self.epoch += 1
                 self.batch_in_epoch = 0
+                self.position = self.D.LoaderPosition()
         bar.close()
-        self.save()
+        last = latest_checkpoint(self.out)
+        if last is None or read_state(last)["step"] != self.step:
+            self.save()
         if cfg.val_data:
             self.evaluate()
         if acc.is_main_process:

@@ -190,14 +190,26 @@ class GroupViT(nn.Module):
         seg = torch.einsum("bcg,bghw->bchw", logits, grouping)
         return seg * scale
 
+    def project_text_features(self, features: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """(..., width) text-tower outputs (e.g. cached ones of a locked tower) -> (..., D) embeddings."""
+        x = self.text_proj(features.to(self.text_proj.fc2.weight.dtype))
+        return F.normalize(x, dim=-1) if normalize else x
+
     def forward(
-        self, pixels: torch.Tensor, text: torch.Tensor, attention_mask: torch.Tensor | None = None
+        self,
+        pixels: torch.Tensor,
+        text: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        text_features: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Embed a batch of images and texts.
 
         Args:
             pixels: (B, 3, H, W).
             text: (B, L) token ids, or (B, T, L) for several texts per image (caption + prompts).
+            attention_mask: optional mask matching ``text``.
+            text_features: instead of ``text``, text-tower outputs (B, [T,] width), e.g. cached
+                features of a locked text tower; only the projection runs.
 
         Returns:
             ``image_embeds`` (B, D), ``text_embeds`` (B, D) or (B, T, D), both L2-normalised,
@@ -205,7 +217,9 @@ class GroupViT(nn.Module):
         """
         out = {
             "image_embeds": self.encode_image(pixels),
-            "text_embeds": self.encode_text(text, attention_mask),
+            "text_embeds": (
+                self.encode_text(text, attention_mask) if text_features is None else self.project_text_features(text_features)
+            ),
             "logit_scale": self.logit_scale.exp().clamp(max=100),
         }
         if self.multi_label_logit_scale is not None:
