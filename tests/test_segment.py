@@ -184,3 +184,15 @@ def test_import_is_light():
     code = "import sys, groupseg; groupseg.load_model; bad = [m for m in ('webdataset', 'accelerate', 'training', 'eval', 'nltk') if m in sys.modules]; print(bad)"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.stdout.strip() == "[]", r.stdout + r.stderr
+
+
+def test_cli_clusters_without_vocabulary(tiny_weights, images, tmp_path, monkeypatch):
+    monkeypatch.setenv("GROUPSEG_WEIGHTS", str(tiny_weights))
+    out = tmp_path / "c"
+    rc = cli_main(["segment", str(images / "rgb.png"), "--clusters", "3", "--vocab", "dog,grass,sky,road,car",
+                   "--out", str(out), "--short-side", "64", "--templates", "simple", "--quiet"])
+    assert rc == 0
+    meta = json.loads((out / "rgb.json").read_text())
+    assert 1 <= len(meta["classes"]) <= 3
+    assert all(c.split(" ")[0] in {"dog", "grass", "sky", "road", "car"} for c in meta["classes"])
+    assert np.asarray(Image.open(out / "rgb_labels.png")).max() < len(meta["classes"])
