@@ -109,6 +109,18 @@ def cmd_segment(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_groups(args: argparse.Namespace) -> int:
+    from .groups import save_groups
+    from .segment import Segmenter
+
+    vocab = _vocab_from_args(args, required=False)
+    paths = expand_images(args.images)
+    seg = Segmenter.from_pretrained(args.weights, device=args.device, templates=args.templates, short_side=args.short_side)
+    for path in paths:
+        print(save_groups(seg, path, args.out, vocab))
+    return 0
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
     import torch
 
@@ -186,6 +198,16 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
                    "or the shipped noun list")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=cmd_segment)
+
+    p = sub.add_parser("groups", help="pictures of the learned groups of each grouping stage", formatter_class=_formatter,
+                       epilog='example:\n  groupseg groups photo.jpg --vocab "dog,grass,person" --out groups/')
+    p.add_argument("images", nargs="+", help="image files, directories or glob patterns")
+    _add_vocab_args(p)
+    _add_model_args(p)
+    p.add_argument("--out", default="groupseg_groups", help="output directory (default: groupseg_groups)")
+    p.add_argument("--templates", default="short", help="prompt template set or file (default: short)")
+    p.add_argument("--short-side", type=int, default=448, help="resize so the short side is this many pixels")
+    p.set_defaults(func=cmd_groups)
 
     p = sub.add_parser("convert", help="convert transformers / NVlabs weights to groupseg's format", formatter_class=_formatter,
                        epilog="example:\n  groupseg convert group_vit_gcc_yfcc_30e.pth gvit-yfcc/")

@@ -196,3 +196,18 @@ def test_cli_clusters_without_vocabulary(tiny_weights, images, tmp_path, monkeyp
     assert 1 <= len(meta["classes"]) <= 3
     assert all(c.split(" ")[0] in {"dog", "grass", "sky", "road", "car"} for c in meta["classes"])
     assert np.asarray(Image.open(out / "rgb_labels.png")).max() < len(meta["classes"])
+
+
+def test_cli_groups_picture(tiny_weights, images, tmp_path, monkeypatch):
+    monkeypatch.setenv("GROUPSEG_WEIGHTS", str(tiny_weights))
+    rc = cli_main(["groups", str(images / "rgb.png"), "--vocab", "dog,grass", "--out", str(tmp_path / "g"),
+                   "--short-side", "64", "--templates", "simple"])
+    assert rc == 0
+    pic = Image.open(tmp_path / "g" / "rgb_groups.png")
+    assert pic.size == (3 * 60 + 2 * 4, 40)  # image + one panel per grouping stage (2 stages)
+    from groupseg.groups import stage_partitions
+
+    seg = Segmenter.from_pretrained(tiny_weights, short_side=64, templates="simple")
+    _, maps, groups = stage_partitions(seg, images / "rgb.png")
+    assert [m.shape for m in maps] == [(40, 60), (40, 60)]
+    assert maps[0].max() < 8 and maps[1].max() < 4 and groups.shape == (4, 16)
