@@ -67,7 +67,7 @@ def _worker(rank, world, port, img, txt, q):
     t = txt[rank * n : (rank + 1) * n].clone().requires_grad_(True)
     out = MultiLabelContrastiveLoss(1.0, rank, world)(i, t, torch.tensor(7.0), torch.tensor(3.0))
     out["loss"].backward()
-    q.put((rank, out["loss"].item(), i.grad, t.grad))
+    q.put((rank, out["loss"].item(), i.grad.numpy(), t.grad.numpy()))  # arrays by value, not shared fds
     dist.destroy_process_group()
 
 
@@ -81,15 +81,15 @@ def test_two_process_gloo_equals_one_process():
     procs = [mp.Process(target=_worker, args=(r, 2, port, img, txt, q)) for r in range(2)]
     for p in procs:
         p.start()
-    res = sorted(q.get(timeout=120) for _ in procs)
+    res = sorted((q.get(timeout=120) for _ in procs), key=lambda r: r[0])
     for p in procs:
         p.join(timeout=60)
         assert p.exitcode == 0
     # DDP averages gradients over ranks: mean of rank losses and of summed-then-averaged grads
     assert abs(sum(r[1] for r in res) / 2 - ref["loss"].item()) < 1e-5
     # each rank's gradient w.r.t. its own rows, summed over ranks by the gather's backward, / world
-    gi = torch.cat([r[2] for r in res]) / 2
-    gt = torch.cat([r[3] for r in res]) / 2
+    gi = torch.cat([torch.from_numpy(r[2]) for r in res]) / 2
+    gt = torch.cat([torch.from_numpy(r[3]) for r in res]) / 2
     assert torch.allclose(gi, i1.grad, atol=1e-5) and torch.allclose(gt, t1.grad, atol=1e-5)
 
 

@@ -116,6 +116,8 @@ def test_config_errors(shards, tmp_path):
 def test_resume_from_other_architecture_is_an_error(shards, tmp_path):
     out = tmp_path / "run"
     Trainer(load_config(None, _cfg(shards, out, max_steps=1))).fit()
+    with pytest.raises(ValueError, match="already holds checkpoints.*--resume auto"):
+        Trainer(load_config(None, _cfg(shards, out, max_steps=1))).fit()
     other = _cfg(shards, out, resume="auto", model_overrides={"embed_dim": 8})
     with pytest.raises(ValueError, match="different architecture"):
         Trainer(load_config(None, other)).fit()

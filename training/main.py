@@ -327,6 +327,11 @@ class Trainer:
 
         acc, cfg = self.accelerator, self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
+        if not cfg.resume and latest_checkpoint(self.out) is not None:
+            raise ValueError(
+                f"{self.out} already holds checkpoints of an earlier run: pass --resume auto to continue it, "
+                "or choose another --output-dir"
+            )
         if acc.is_main_process:
             cfg.save(self.out / "config.yaml")
         self.resume()
