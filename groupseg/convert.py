@@ -90,6 +90,27 @@ def _move(sd: dict[str, torch.Tensor], out: dict[str, torch.Tensor], src: str, d
         out[dst + k[len(src) :]] = sd.pop(k)
 
 
+def _indices(sd: dict[str, torch.Tensor], prefix: str) -> list[int]:
+    """Sorted ``i`` of the keys ``prefix.i.*``."""
+    pat = re.compile(rf"{re.escape(prefix)}\.(\d+)\.")
+    return sorted({int(m.group(1)) for k in sd if (m := pat.match(k))})
+
+
+def _stage_grouping(sd, out, src: str, dst: str, attn_out: str | None) -> None:
+    """A stage's group projector and grouping block (same layout in both formats but for the
+    fused q/k/v and, in transformers, the name of the cross-attention's output projection)."""
+    if f"{src}.group_projector.0.weight" in sd:
+        _move(sd, out, f"{src}.group_projector.0", f"{dst}.group_projector.norm")
+        _move(sd, out, f"{src}.group_projector.1", f"{dst}.group_projector.mlp")
+    ds, dd = f"{src}.downsample", f"{dst}.grouping"
+    if f"{ds}.norm_tokens.weight" in sd:
+        _qkv(sd, out, f"{ds}.pre_assign_attn.attn", f"{dd}.pre_assign_attn.attn")
+        if attn_out:
+            _move(sd, out, f"{ds}.pre_assign_attn.attn.{attn_out}", f"{dd}.pre_assign_attn.attn.proj")
+        _qkv(sd, out, f"{ds}.assign", f"{dd}.assign")
+        _move(sd, out, ds, dd)
+
+
 def _finish(sd: dict[str, torch.Tensor], out: dict[str, torch.Tensor], fmt: str) -> dict[str, torch.Tensor]:
     if sd:
         raise CheckpointError(f"{fmt} checkpoint has {len(sd)} keys groupseg does not know, first {sorted(sd)[0]!r}")
@@ -147,29 +168,18 @@ def convert_hf_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     _move(sd, out, f"{V}.embeddings.layernorm", "visual.patch_embed.norm")
     _move(sd, out, f"{V}.embeddings.position_embeddings", "visual.pos_embed")
     _move(sd, out, f"{V}.layernorm", "visual.norm")
-    stages = sorted({int(m.group(1)) for k in sd if (m := re.match(rf"{V}\.encoder\.stages\.(\d+)\.", k))})
-    for i in stages:
+    for i in _indices(sd, f"{V}.encoder.stages"):
         s, d = f"{V}.encoder.stages.{i}", f"visual.stages.{i}"
         _move(sd, out, f"{s}.group_token", f"{d}.group_token")
-        layers = sorted({int(m.group(1)) for k in sd if (m := re.match(rf"{re.escape(s)}\.layers\.(\d+)\.", k))})
-        for j in layers:
+        for j in _indices(sd, f"{s}.layers"):
             _hf_block(sd, out, f"{s}.layers.{j}", f"{d}.blocks.{j}")
-        if f"{s}.group_projector.0.weight" in sd:
-            _move(sd, out, f"{s}.group_projector.0", f"{d}.group_projector.norm")
-            _move(sd, out, f"{s}.group_projector.1", f"{d}.group_projector.mlp")
-        ds, dd = f"{s}.downsample", f"{d}.grouping"
-        if f"{ds}.norm_tokens.weight" in sd:
-            _qkv(sd, out, f"{ds}.pre_assign_attn.attn", f"{dd}.pre_assign_attn.attn")
-            _move(sd, out, f"{ds}.pre_assign_attn.attn.out_proj", f"{dd}.pre_assign_attn.attn.proj")
-            _qkv(sd, out, f"{ds}.assign", f"{dd}.assign")
-            _move(sd, out, ds, dd)
+        _stage_grouping(sd, out, s, d, attn_out="out_proj")
     T = "text_model"
     _move(sd, out, f"{T}.embeddings.token_embedding", "text.token_embed")
     if f"{T}.embeddings.position_embedding.weight" in sd:
         out["text.pos_embed"] = sd.pop(f"{T}.embeddings.position_embedding.weight")
     _move(sd, out, f"{T}.final_layer_norm", "text.norm")
-    layers = sorted({int(m.group(1)) for k in sd if (m := re.match(rf"{T}\.encoder\.layers\.(\d+)\.", k))})
-    for j in layers:
+    for j in _indices(sd, f"{T}.encoder.layers"):
         _hf_block(sd, out, f"{T}.encoder.layers.{j}", f"text.blocks.{j}")
     for src, dst in (("visual_projection", "visual_proj"), ("text_projection", "text_proj")):
         _move(sd, out, f"{src}.0", f"{dst}.fc1")
@@ -207,25 +217,16 @@ def convert_nvlabs_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch
     _move(sd, out, f"{I}.patch_embed", "visual.patch_embed")
     _move(sd, out, f"{I}.pos_embed", "visual.pos_embed")
     _move(sd, out, f"{I}.norm", "visual.norm")
-    stages = sorted({int(m.group(1)) for k in sd if (m := re.match(rf"{I}\.layers\.(\d+)\.", k))})
-    for i in stages:
+    for i in _indices(sd, f"{I}.layers"):
         s, d = f"{I}.layers.{i}", f"visual.stages.{i}"
         _move(sd, out, f"{s}.group_token", f"{d}.group_token")
-        _move(sd, out, f"{s}.blocks", f"{d}.blocks")
-        if f"{s}.group_projector.0.weight" in sd:
-            _move(sd, out, f"{s}.group_projector.0", f"{d}.group_projector.norm")
-            _move(sd, out, f"{s}.group_projector.1", f"{d}.group_projector.mlp")
-        ds, dd = f"{s}.downsample", f"{d}.grouping"
-        if f"{ds}.norm_tokens.weight" in sd:
-            _qkv(sd, out, f"{ds}.pre_assign_attn.attn", f"{dd}.pre_assign_attn.attn")
-            _qkv(sd, out, f"{ds}.assign", f"{dd}.assign")
-            _move(sd, out, ds, dd)
+        _move(sd, out, f"{s}.blocks", f"{d}.blocks")  # NVlabs blocks already use norm1/attn.qkv/attn.proj/norm2/mlp
+        _stage_grouping(sd, out, s, d, attn_out=None)
     T = "text_encoder"
     _move(sd, out, f"{T}.token_embedding", "text.token_embed")
     _move(sd, out, f"{T}.positional_embedding", "text.pos_embed")
     _move(sd, out, f"{T}.ln_final", "text.norm")
-    layers = sorted({int(m.group(1)) for k in sd if (m := re.match(rf"{T}\.transformer\.resblocks\.(\d+)\.", k))})
-    for j in layers:
+    for j in _indices(sd, f"{T}.transformer.resblocks"):
         s, d = f"{T}.transformer.resblocks.{j}", f"text.blocks.{j}"
         out[f"{d}.attn.qkv.weight"] = sd.pop(f"{s}.attn.in_proj_weight")
         out[f"{d}.attn.qkv.bias"] = sd.pop(f"{s}.attn.in_proj_bias")

@@ -148,3 +148,28 @@ def test_named_architectures():
     n = sum(p.numel() for p in m.parameters())
     assert 54e6 < n < 57e6, n  # the published gvit-s: 55.7 M parameters
     assert [s.num_group_tokens for s in m.cfg.vision.stages] == [64, 8, 0]
+
+
+def test_convert_command_writes_own_format(tiny_model, tmp_path):
+    from groupseg.cli import main as cli_main
+
+    torch.save({"model": to_nvlabs_state_dict(tiny_model.state_dict())}, tmp_path / "nv.pth")
+    assert cli_main(["convert", str(tmp_path / "nv.pth"), str(tmp_path / "out"), "--dtype", "fp16"]) == 0
+    from safetensors.torch import load_file
+
+    sd = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert sd["visual.pos_embed"].dtype == torch.float16
+    assert groupseg.load_model(tmp_path / "out").cfg.vision.stages == groupseg.load_model(tmp_path / "nv.pth").cfg.vision.stages
+
+
+def test_one_stage_architecture_segments():
+    cfg = groupseg.get_model_config("groupvit-s-1stage")
+    assert [(s.num_group_tokens, s.num_output_groups) for s in cfg.vision.stages] == [(64, 8), (0, 0)]
+    cfg.vision.width, cfg.text.width, cfg.text.depth, cfg.proj_hidden_dim = 64, 32, 1, 32
+    for s in cfg.vision.stages:
+        s.depth, s.num_heads = 1, 2
+    cfg.text.num_heads = 2
+    m = groupseg.create_model(cfg).eval()
+    with torch.no_grad():
+        seg = m.segmentation_logits(torch.randn(1, 3, 64, 96), m.encode_text(torch.tensor([[49406, 320, 49407]])))
+    assert seg.shape == (1, 1, 64, 96)
