@@ -61,6 +61,16 @@ def _add_vocab_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vocab-file", help="file with one class per line (synonyms with ';')")
 
 
+def _add_image_args(p: argparse.ArgumentParser, out_default: str) -> None:
+    """Inputs, vocabulary, weights, output folder and preprocessing: shared by segment and groups."""
+    p.add_argument("images", nargs="+", help="image files, directories or glob patterns")
+    _add_vocab_args(p)
+    _add_model_args(p)
+    p.add_argument("--out", default=out_default, help=f"output directory (default: {out_default})")
+    p.add_argument("--templates", default="short", help="prompt template set or file (default: short)")
+    p.add_argument("--short-side", type=int, default=448, help="resize so the short side is this many pixels")
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", help="weights directory, file or hub id (default: see README, 'Default weights')")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
@@ -184,13 +194,8 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
 
     p = sub.add_parser("segment", help="segment images with a word list", formatter_class=_formatter,
                        epilog='example:\n  groupseg segment street.jpg --vocab "sky,road,car" --out out/')
-    p.add_argument("images", nargs="+", help="image files, directories or glob patterns")
-    _add_vocab_args(p)
-    _add_model_args(p)
-    p.add_argument("--out", default="groupseg_out", help="output directory (default: groupseg_out)")
+    _add_image_args(p, "groupseg_out")
     p.add_argument("--threshold", type=float, default=0.0, help="class probability below which a pixel is background (255)")
-    p.add_argument("--templates", default="short", help="prompt template set or file (default: short)")
-    p.add_argument("--short-side", type=int, default=448, help="resize so the short side is this many pixels")
     p.add_argument("--window", type=int, default=0, help="sliding-window size for long images (0 = whole image)")
     p.add_argument("--top-k", type=int, default=0, help="keep only the image's k most likely classes (0 = all)")
     p.add_argument("--clusters", type=int, default=0, metavar="K",
@@ -201,12 +206,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
 
     p = sub.add_parser("groups", help="pictures of the learned groups of each grouping stage", formatter_class=_formatter,
                        epilog='example:\n  groupseg groups photo.jpg --vocab "dog,grass,person" --out groups/')
-    p.add_argument("images", nargs="+", help="image files, directories or glob patterns")
-    _add_vocab_args(p)
-    _add_model_args(p)
-    p.add_argument("--out", default="groupseg_groups", help="output directory (default: groupseg_groups)")
-    p.add_argument("--templates", default="short", help="prompt template set or file (default: short)")
-    p.add_argument("--short-side", type=int, default=448, help="resize so the short side is this many pixels")
+    _add_image_args(p, "groupseg_groups")
     p.set_defaults(func=cmd_groups)
 
     p = sub.add_parser("convert", help="convert transformers / NVlabs weights to groupseg's format", formatter_class=_formatter,
