@@ -33,30 +33,17 @@ def recall_at_k(sim: torch.Tensor, caption_image: torch.Tensor, ks: Sequence[int
     return out
 
 
-@torch.no_grad()
-def embed_pairs(model, pairs, tokenizer, batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(image embeddings (I, D), caption embeddings (T, D), caption -> image index (T,))."""
-    from groupseg.transforms import to_tensor
-
-    cfg = model.cfg
-    s = cfg.vision.image_size
-    dev = next(model.parameters()).device
-    imgs, caps, owner, buf = [], [], [], []
-
-    def flush():
-        if buf:
-            px = torch.stack([to_tensor(im, (s, s), cfg.image_mean, cfg.image_std) for im in buf]).to(dev)
-            imgs.append(model.encode_image(px).float().cpu())
-            buf.clear()
-
-    texts = []
+def embed_pairs(segmenter, pairs, batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(image embeddings (I, D), caption embeddings (T, D), caption -> image index (T,)) of a
+    stream of ``(image, [captions], key)``, through ``Segmenter.encode_images``/``encode_texts``."""
+    imgs, texts, owner, buf = [], [], [], []
     for i, (image, captions, _key) in enumerate(pairs):
         buf.append(image)
         texts += list(captions)
         owner += [i] * len(captions)
         if len(buf) == batch_size:
-            flush()
-    flush()
-    for j in range(0, len(texts), 256):
-        caps.append(model.encode_text(tokenizer(texts[j : j + 256]).to(dev)).float().cpu())
-    return torch.cat(imgs), torch.cat(caps), torch.tensor(owner)
+            imgs.append(segmenter.encode_images(buf).cpu())
+            buf = []
+    if buf:
+        imgs.append(segmenter.encode_images(buf).cpu())
+    return torch.cat(imgs), segmenter.encode_texts(texts).cpu(), torch.tensor(owner)

@@ -164,6 +164,7 @@ class Segmenter:
         threshold: class probability below which a pixel is background (255); 0 = no background.
         device: torch device.
         weights_dir: where the weights came from (for a Hugging Face tokenizer stored beside them).
+        tokenizer: use this tokenizer instead of the one found from the config / ``weights_dir``.
 
     >>> seg = Segmenter.from_pretrained()  # doctest: +SKIP
     >>> out = seg.segment("street.jpg", ["road", "car", "cyclist", "puddle"])  # doctest: +SKIP
@@ -179,11 +180,12 @@ class Segmenter:
         threshold: float = 0.0,
         device: str | torch.device = "cpu",
         weights_dir: str | Path | None = None,
+        tokenizer=None,
     ) -> None:
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.cfg = model.cfg
-        self.tokenizer = get_tokenizer(self.cfg, weights_dir)
+        self.tokenizer = tokenizer if tokenizer is not None else get_tokenizer(self.cfg, weights_dir)
         self.templates = load_templates(templates) if isinstance(templates, str) else list(templates)
         if not self.templates:
             raise ValueError("no prompt templates given")

@@ -413,10 +413,13 @@ class Trainer:
         except ImportError:
             log.warning("eval package not importable: skipping evaluation")
             return None
+        from groupseg.segment import Segmenter
+
         model = self.unwrapped
         was = model.training
-        model.eval()
-        img, cap, owner = embed_pairs(model, self.D.build_eval_pairs(self.cfg.val_data), self._tokenizer())
+        # the Segmenter puts the model in eval mode; train mode is restored below
+        seg = Segmenter(model, templates="simple", device=self.accelerator.device, tokenizer=self._tokenizer())
+        img, cap, owner = embed_pairs(seg, self.D.build_eval_pairs(self.cfg.val_data))
         res = recall_at_k(img @ cap.T, owner)
         model.train(was)
         if self.cfg.lock_text:
