@@ -5,10 +5,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from groupseg.clusters import (  # noqa: F401 - re-exported for eval.main
-    GroupFeatures, cluster_label_map, cluster_segment, group_features, kmeans,
-)
-
 
 # ----------------------------------------------------------------------------- dataset protocol
 def hungarian_match(confusion: np.ndarray | torch.Tensor) -> np.ndarray:

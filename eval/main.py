@@ -165,7 +165,9 @@ def evaluate_unsupervised(seg, ds: SegDataset, samples: Sequence[Sample], args) 
     then assignment); a third over the few images pictured or saved."""
     from tqdm import tqdm
 
-    from .clusters import Reservoir, cluster_label_map, group_features, hungarian_match, kmeans, matched_confusion
+    from groupseg.clusters import cluster_label_map, group_features, kmeans
+
+    from .clusters import Reservoir, hungarian_match, matched_confusion
 
     C = ds.num_classes
     K = args.clusters or C

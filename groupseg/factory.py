@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from .config import ModelConfig
-from .convert import CheckpointError, load_pth, read_hf_dir, read_nvlabs
+from .convert import CheckpointError, read_hf_dir, read_nvlabs
 from .models.groupvit import GroupViT
 
 _CONFIG_DIR = Path(__file__).parent / "model_configs"

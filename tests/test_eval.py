@@ -8,8 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from eval.clusters import (GroupFeatures, Reservoir, cluster_label_map, cluster_segment, hungarian_match, kmeans,
-                           matched_confusion)
+from eval.clusters import Reservoir, hungarian_match, matched_confusion
+from groupseg.clusters import GroupFeatures, cluster_label_map, cluster_segment, kmeans
 from eval.datasets import DATASETS, load_dataset
 from eval.metrics import ConfusionMatrix
 from groupseg.cli import main as cli_main
