@@ -92,3 +92,26 @@ def test_any_input_size_and_no_weight_decay():
     nwd = m.no_weight_decay()
     assert "visual.pos_embed" in nwd and "visual.stages.0.group_token" in nwd
     assert "visual.stages.0.blocks.0.attn.qkv.weight" not in nwd
+
+
+def test_conv_stem_keeps_the_patch_grid_and_round_trips(tmp_path):
+    import pytest
+
+    from groupseg.layers.patch_embed import PatchEmbed
+
+    for hw in ((32, 32), (40, 56), (37, 45)):
+        a, grid_a = PatchEmbed(8, 3, 16, stem="patch")(torch.randn(2, 3, *hw))
+        b, grid_b = PatchEmbed(8, 3, 16, stem="conv")(torch.randn(2, 3, *hw))
+        assert grid_a == grid_b == (hw[0] // 8, hw[1] // 8) and a.shape == b.shape
+    with pytest.raises(ValueError, match="power-of-two"):
+        PatchEmbed(12, 3, 16, stem="conv")
+    with pytest.raises(ValueError, match="unknown stem"):
+        PatchEmbed(8, 3, 16, stem="hybrid")
+    cfg = groupseg.get_model_config("groupvit-tiny-test")
+    cfg.vision.stem = "conv"
+    model = groupseg.GroupViT(cfg).eval()
+    model.save_pretrained(tmp_path / "w")
+    loaded = groupseg.load_model(tmp_path / "w").eval()
+    assert loaded.cfg.vision.stem == "conv"
+    x = torch.randn(1, 3, 48, 40)
+    torch.testing.assert_close(model.encode_image(x), loaded.encode_image(x))

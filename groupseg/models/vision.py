@@ -108,7 +108,7 @@ class VisionTower(nn.Module):
     def __init__(self, cfg: VisionConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_chans, cfg.width, cfg.layer_norm_eps)
+        self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_chans, cfg.width, cfg.layer_norm_eps, cfg.stem)
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.grid_size**2, cfg.width))
         total = sum(s.depth for s in cfg.stages)
         dpr = torch.linspace(0, cfg.drop_path_rate, total).tolist() if total else []
