@@ -33,6 +33,7 @@ class VisionConfig:
     image_size: int = 224  # training resolution; inference interpolates positions
     patch_size: int = 16
     in_chans: int = 3
+    stem: Literal["patch", "conv"] = "patch"  # patchify convolution (GroupViT) or a convolutional stem
     width: int = 384
     stages: list[StageConfig] = field(
         default_factory=lambda: [StageConfig(6, 6, 64, 64), StageConfig(3, 6, 8, 8), StageConfig(3, 6, 0, 0)]
@@ -93,8 +94,13 @@ class ModelConfig:
     image_mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     image_std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     name: str = ""
+    # class names with a fine-tuned classifier (``groupseg finetune``): the Segmenter uses the
+    # stored vector ``tuned_class_embeds[i]`` for a class whose label is ``tuned_classes[i]``
+    # and the text tower for every other word
+    tuned_classes: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        self.tuned_classes = list(self.tuned_classes)
         if isinstance(self.vision, dict):
             self.vision = VisionConfig(**self.vision)
         if isinstance(self.text, dict):

@@ -233,13 +233,25 @@ class Segmenter:
     def class_embeddings(self, vocab: str | Sequence[str]) -> tuple[list[str], torch.Tensor, torch.Tensor]:
         """Vocabulary -> (labels, synonym embeddings (S, D), synonym -> class index (S,))."""
         entries = normalize_vocab(vocab)
-        names, owner = [], []
+        names, owner, tuned = [], [], {}
         for c, e in enumerate(entries):
-            for n in parse_class(e):
+            syn = parse_class(e)
+            vec = self.model.tuned_class_embedding(syn[0])
+            if vec is not None:  # a fine-tuned class: its own classifier replaces the prompts
+                tuned[len(names)] = vec.to(self.device)
+                syn = syn[:1]
+            for n in syn:
                 names.append(n)
                 owner.append(c)
         labels = [parse_class(e)[0] for e in entries]
-        return labels, self.word_embeddings(names), torch.tensor(owner)
+        words = [n for i, n in enumerate(names) if i not in tuned]
+        emb = self.word_embeddings(words) if words else torch.zeros(0, self.cfg.embed_dim, device=self.device)
+        if tuned:
+            rows, it = [], iter(emb)
+            for i in range(len(names)):
+                rows.append(tuned[i] if i in tuned else next(it))
+            emb = torch.stack(rows)
+        return labels, emb, torch.tensor(owner)
 
     # ------------------------------------------------------------------ images
     @torch.no_grad()

@@ -384,3 +384,22 @@ def test_eval_real_camvid(tiny_weights, tmp_path):
     r = json.loads(out.read_text())
     assert r["num_images"] == 2 and r["num_pixels"] > 0 and 0 <= r["miou"] <= 1
     assert np.asarray(Image.open(next((tmp_path / "p").glob("*.png")))).shape == (360, 480)
+
+
+def test_compare_picture_from_saved_predictions(tmp_path):
+    from eval.compare import main as compare_main
+
+    make_camvid(tmp_path / "camvid")
+    for name, value in (("a", 3), ("b", 8)):
+        d = tmp_path / name
+        d.mkdir()
+        for i in range(3):
+            _lab(d / f"0016E5_0{i}.png", np.full((8, 12), value))
+    out = tmp_path / "cmp.png"
+    args = ["--dataset", "camvid", "--data-root", str(tmp_path / "camvid"), "--pred", f"road={tmp_path / 'a'}",
+            "--pred", f"car={tmp_path / 'b'}", "--images", "2", "--out", str(out)]
+    assert compare_main(args) == 0
+    img = Image.open(out)
+    assert img.width == 4 * (240 + 4) + 4  # image, truth and two models
+    (tmp_path / "b" / "0016E5_02.png").unlink()
+    assert compare_main(args) == 2  # a missing prediction is named, not a traceback

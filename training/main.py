@@ -446,9 +446,10 @@ def plot_loss_curve(metrics_file: Path, png: Path) -> None:
         return
     steps = [r["step"] for r in recs]
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-    for k in ("loss", "clip_loss", "multi_label_loss"):
-        if k in recs[0]:
-            ax.plot(steps, [r[k] for r in recs], label=k)
+    keys = [k for k in dict.fromkeys(k for r in recs for k in r) if k == "loss" or k.endswith("_loss")]
+    for k in keys:  # terms may start later (e.g. after a warm-up stage): plot where they exist
+        pts = [(r["step"], r[k]) for r in recs if k in r]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], label=k)
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)

@@ -73,6 +73,10 @@ class GroupViT(nn.Module):
             self.multi_label_logit_scale = nn.Parameter(torch.tensor(float(cfg.logit_scale_init)))
         else:
             self.register_parameter("multi_label_logit_scale", None)
+        if cfg.tuned_classes:  # fine-tuned class vectors, in the joint space (see ``ModelConfig``)
+            self.tuned_class_embeds = nn.Parameter(torch.zeros(len(cfg.tuned_classes), cfg.embed_dim))
+        else:
+            self.register_parameter("tuned_class_embeds", None)
         self.init_weights()
 
     # ---------------------------------------------------------------- init / timm interface
@@ -189,6 +193,19 @@ class GroupViT(nn.Module):
         grouping = F.interpolate(g["grouping"], size=pixels.shape[-2:], mode="bilinear", align_corners=False)
         seg = torch.einsum("bcg,bghw->bchw", logits, grouping)
         return seg * scale
+
+    def set_tuned_classes(self, names: list[str], embeds: torch.Tensor) -> None:
+        """Store fine-tuned class vectors (C, D) for the class labels ``names`` (saved with the weights)."""
+        if len(names) != embeds.shape[0] or embeds.shape[-1] != self.cfg.embed_dim:
+            raise ValueError(f"{len(names)} names for tuned class vectors of shape {tuple(embeds.shape)}")
+        self.cfg.tuned_classes = list(names)
+        self.tuned_class_embeds = nn.Parameter(embeds.detach().to(self.logit_scale).clone(), requires_grad=False)
+
+    def tuned_class_embedding(self, label: str) -> torch.Tensor | None:
+        """The L2-normalised fine-tuned vector (D,) of a class label, or ``None`` when it has none."""
+        if self.tuned_class_embeds is None or label not in self.cfg.tuned_classes:
+            return None
+        return F.normalize(self.tuned_class_embeds[self.cfg.tuned_classes.index(label)].detach().float(), dim=-1)
 
     def project_text_features(self, features: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """(..., width) text-tower outputs (e.g. cached ones of a locked tower) -> (..., D) embeddings."""

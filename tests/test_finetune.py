@@ -1,0 +1,174 @@
+"""groupseg finetune: subsets, weak-class hiding, tags, losses, outputs that load and still segment any word."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import groupseg
+from training import finetune as FT
+
+RNG = np.random.default_rng(0)
+
+
+def make_camvid_train(root: Path, n: int = 6, h: int = 32, w: int = 48) -> Path:
+    """A CamVid-layout train split: left half sky (0), right half car (8), bottom rows road (3), some void (11)."""
+    for i in range(n):
+        (root / "train").mkdir(parents=True, exist_ok=True)
+        (root / "trainannot").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(RNG.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(root / "train" / f"f{i:03d}.png")
+        lab = np.zeros((h, w), np.uint8)
+        lab[:, w // 2 :] = 8 if i % 2 == 0 else 0  # car in every other image
+        lab[-8:, :] = 3
+        lab[0, :4] = 11
+        Image.fromarray(lab, "L").save(root / "trainannot" / f"f{i:03d}.png")
+    return root
+
+
+def cfg_for(tmp_path: Path, weights: Path, root: Path, **kw) -> FT.FinetuneConfig:
+    base = dict(dataset="camvid", data_root=str(root), split="train", weights=str(weights), out=str(tmp_path / "out"),
+                epochs=2, batch_size=2, crop_size=32, short_side=32, scale_range=(1.0, 1.25), workers=0,
+                precision="fp32", patches_per_class=4, templates="simple", log_every=1, min_steps=0)
+    base.update(kw)
+    return FT.FinetuneConfig(**base)
+
+
+def test_subsets_are_seeded_and_sized():
+    a = FT.select_subset(100, fraction=0.1, seed=3)
+    assert a == FT.select_subset(100, fraction=0.1, seed=3) and len(a) == 10 and a == sorted(a)
+    assert a != FT.select_subset(100, fraction=0.1, seed=4)
+    assert len(FT.select_subset(100, images=7, seed=0)) == 7
+    assert FT.select_subset(5) == [0, 1, 2, 3, 4]
+    assert FT.select_subset(5, images=0) == []
+    for bad in (1.5, -0.1):
+        with pytest.raises(ValueError, match=r"--fraction must be in \(0, 1\]"):
+            FT.select_subset(10, fraction=bad)
+
+
+def test_tags_hiding_and_weak_class_names():
+    t = np.array([[0, 0, 8], [3, 255, 8]])
+    np.testing.assert_array_equal(FT.image_tags(t, 11).nonzero()[0], [0, 3, 8])
+    hidden = FT.hide_classes(t, [8])
+    np.testing.assert_array_equal(hidden, [[0, 0, 255], [3, 255, 255]])
+    assert FT.resolve_weak_classes("Car, sky", ["sky", "road", "car"]) == [0, 2]
+    with pytest.raises(ValueError, match="'boat' is not a class of this dataset"):
+        FT.resolve_weak_classes("car,boat", ["sky", "road", "car"])
+
+
+def test_patch_labels_majority_and_triplet_loss():
+    t = torch.full((1, 4, 4), 255)
+    t[0, :2, :2] = 1  # a pure cell
+    t[0, 2:, 2:] = 2
+    t[0, 2, 2] = 1  # still 3/4 class 2
+    lab = FT.patch_labels(t, (2, 2))
+    assert lab.tolist() == [[[1, 255], [255, 2]]]
+    feats = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
+    labels = torch.tensor([0, 0, 1, 1])
+    assert FT.triplet_loss(feats, labels, margin=0.3).item() == 0.0  # well separated classes
+    assert FT.triplet_loss(feats, labels[[0, 2, 1, 3]], margin=0.3).item() > 0.5  # mixed-up classes
+
+
+def test_loader_hides_weak_pixels_and_keeps_their_tags(tiny_weights, tmp_path):
+    root = make_camvid_train(tmp_path / "camvid")
+    ft = FT.Finetuner(cfg_for(tmp_path, tiny_weights, root, weak_classes="car"))
+    assert ft.hidden == [8]
+    for batch in ft._loader(0):
+        assert not (batch["target"] == 8).any()
+        assert set(batch["target"].unique().tolist()) <= {0, 3, 255}
+    tags = torch.stack([ft.data[i]["tags"] for i in range(len(ft.data))])
+    assert tags[:, 8].tolist() == [1.0, 0.0, 1.0, 0.0, 1.0, 0.0]  # car present in even images only
+    assert tags[:, 3].all() and not tags[:, 11 - 1].any()
+
+
+def test_weak_pixels_never_reach_the_loss(tiny_weights, tmp_path, monkeypatch):
+    root = make_camvid_train(tmp_path / "camvid")
+    ft = FT.Finetuner(cfg_for(tmp_path, tiny_weights, root, weak_classes="car", epochs=1))
+    seen = []
+    real = ft.pixel_loss
+
+    def spy(logp, target):
+        seen.append(target.clone())
+        return real(logp, target)
+
+    monkeypatch.setattr(ft, "pixel_loss", spy)
+    ft.fit()
+    assert seen and all(not (t == 8).any() for t in seen)
+    rec = (Path(ft.cfg.out) / "metrics.jsonl").read_text()
+    assert rec == "" or "tag_loss" in rec
+
+
+def test_finetune_writes_weights_that_segment_any_word(tiny_weights, tmp_path):
+    root = make_camvid_train(tmp_path / "camvid")
+    cfg = cfg_for(tmp_path, tiny_weights, root, objective="mix-match", epochs=3, mix_match_epochs=1)
+    out = FT.Finetuner(cfg).fit()
+    model = groupseg.load_model(out)
+    assert model.cfg.tuned_classes[:4] == ["sky", "building", "pole", "road"]
+    assert model.tuned_class_embeds.shape == (11, model.cfg.embed_dim)
+    assert (out / "loss_curve.png").exists() and (out / "subset.txt").read_text().split() == [f"f{i:03d}" for i in range(6)]
+    seg = groupseg.Segmenter.from_pretrained(out, templates="simple")
+    labels, emb, owner = seg.class_embeddings(["road;street", "banana"])
+    torch.testing.assert_close(emb[0], model.tuned_class_embedding("road"))  # tuned class: its own vector
+    assert owner.tolist() == [0, 1]  # the synonym of a tuned class is not used; banana via the text tower
+    base = groupseg.Segmenter.from_pretrained(tiny_weights, templates="simple")
+    torch.testing.assert_close(emb[1], base.word_embeddings(["banana"])[0])  # the text side is untouched ...
+    moved = [k for k, v in base.model.state_dict().items() if k.startswith("visual.") and not torch.equal(v, model.state_dict()[k])]
+    assert moved  # ... while the vision tower was fine-tuned
+    res = seg.segment(root / "train" / "f000.png", ["road", "banana", "kite"])
+    assert res.label_map.shape == (32, 48) and set(np.unique(res.label_map)) <= {0, 1, 2}
+
+
+def test_zero_images_is_the_zero_shot_model(tiny_weights, tmp_path):
+    root = make_camvid_train(tmp_path / "camvid")
+    out = FT.Finetuner(cfg_for(tmp_path, tiny_weights, root, images=0)).fit()
+    base = groupseg.Segmenter.from_pretrained(tiny_weights, templates="simple")
+    tuned = groupseg.Segmenter.from_pretrained(out, templates="simple")
+    img = root / "train" / "f001.png"
+    vocab = (Path(groupseg.__file__).parents[1] / "prompts" / "vocab" / "camvid.txt").read_text()
+    vocab = [ln for ln in vocab.splitlines() if ln.strip() and not ln.startswith("#")]
+    a, b = base.segment(img, vocab), tuned.segment(img, vocab)
+    np.testing.assert_array_equal(a.label_map, b.label_map)
+    torch.testing.assert_close(a.scores, b.scores)
+
+
+def test_classifier_starts_from_the_class_text_embeddings(tiny_weights, tmp_path):
+    root = make_camvid_train(tmp_path / "camvid")
+    vf = tmp_path / "names.txt"
+    vf.write_text("\n".join(f"thing{i}" for i in range(11)) + "\n")
+    ft = FT.Finetuner(cfg_for(tmp_path, tiny_weights, root, vocab_file=str(vf)))
+    seg = groupseg.Segmenter.from_pretrained(tiny_weights, templates="simple")
+    torch.testing.assert_close(ft.head.classifier.data, seg.word_embeddings([f"thing{i}" for i in range(11)]))
+
+
+def test_resume_auto_continues_and_fresh_run_refuses_old_checkpoints(tiny_weights, tmp_path):
+    root = make_camvid_train(tmp_path / "camvid")
+    FT.Finetuner(cfg_for(tmp_path, tiny_weights, root, epochs=1)).fit()
+    with pytest.raises(ValueError, match="already holds checkpoints"):
+        FT.Finetuner(cfg_for(tmp_path, tiny_weights, root, epochs=2)).fit()
+    ft = FT.Finetuner(cfg_for(tmp_path, tiny_weights, root, epochs=2, resume="auto"))
+    ft.fit()
+    assert ft.epoch == 2 and ft.step == 6  # 3 batches of 2 per epoch, the first epoch not redone
+    with pytest.raises(ValueError, match="different image subset"):
+        FT.Finetuner(cfg_for(tmp_path, tiny_weights, root, epochs=3, resume="auto", images=2)).fit()
+
+
+def test_small_subsets_get_at_least_min_steps(tiny_weights, tmp_path):
+    root = make_camvid_train(tmp_path / "camvid")
+    ft = FT.Finetuner(cfg_for(tmp_path, tiny_weights, root, images=2, epochs=1, min_steps=5))
+    ft.fit()
+    assert ft.epochs == 5 and ft.step == 5  # one batch of the 2 images per epoch
+
+
+def test_cli_bad_input_is_one_line(tiny_weights, tmp_path, capsys):
+    from groupseg.cli import main
+
+    root = make_camvid_train(tmp_path / "camvid")
+    common = ["finetune", "--dataset", "camvid", "--data-root", str(root), "--weights", str(tiny_weights), "--out", str(tmp_path / "o")]
+    assert main(common + ["--weak-classes", "car,boat"]) == 2
+    assert "'boat' is not a class" in capsys.readouterr().err
+    assert main(common + ["--fraction", "1.5"]) == 2
+    assert "--fraction must be in (0, 1]" in capsys.readouterr().err
+    (root / "val").mkdir()
+    assert main(common + ["--split", "val"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "valannot" in err and len(err.splitlines()) == 1

@@ -1,0 +1,617 @@
+"""Fine-tune a text-pretrained GroupViT on a few pixel-labelled images, keeping the open vocabulary.
+
+    groupseg finetune --dataset camvid --data-root ../shared/data/camvid --out runs/ft-camvid \\
+        [--fraction 0.1 | --images 12] [--objective ce|mix-match] [--weak-classes "car,fence"]
+    accelerate launch -m training.finetune --dataset camvid ...
+
+The classifier is a (C, D) matrix in the joint image-text space, initialised with the class
+names' prompt-ensembled text embeddings, so zero labelled images is exactly the zero-shot model.
+Group-to-class logits give each pixel a mixture over the groups it belongs to (soft grouping),
+trained with a per-pixel loss (ignore index honoured); the backbone learns at a lower rate.
+
+Modes:
+- ``ce``: per-pixel negative log-likelihood only.
+- ``mix-match`` (Zhan et al., AAAI 2018): first, patches sampled from all labelled images of
+  a batch ("mix") form a class-wise graph; a triplet loss with the hardest positive and
+  negative of each anchor pulls same-class patches together ("match"); then the per-pixel loss.
+- ``--weak-classes`` (weak-shot, after SimFormer, NeurIPS 2022): those classes' pixel labels are
+  hidden (set to ignore before anything reaches a loss) and only their image-level tags are
+  kept. Groups act as class-agnostic proposals learnt from base-class pixels; a multiple-instance
+  tag loss on the proposals' class probabilities (max over groups) names the weak classes, and
+  a pixel-pixel similarity head trained on base-class patch pairs supervises, as a complementary
+  loss, whether two patches share a class in images where labels are hidden. ``--weak-loss none``
+  is the base-only baseline: weak classes get no signal at all.
+
+The output directory holds ordinary groupseg weights (``config.json`` + ``model.safetensors``):
+the fine-tuned classes keep their tuned classifier, any other word goes through the text tower.
+Checkpoints are written to ``OUT/checkpoints`` every epoch; ``--resume auto`` continues from the
+latest one.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import groupseg
+from groupseg.transforms import load_image
+
+from .checkpoint import latest_checkpoint, read_state, save_checkpoint
+
+log = logging.getLogger("groupseg.finetune")
+
+IGNORE = 255
+
+
+@dataclass
+class FinetuneConfig:
+    dataset: str = ""  # a name eval.datasets.load_dataset reads (camvid, voc, ade20k, ..., folder)
+    data_root: str = ""
+    split: str = "train"
+    vocab_file: str = ""  # class names, one per line in label order (required for ``folder``)
+    weights: str = ""  # starting weights; "" = the shipped default model
+    out: str = ""
+    images: int = -1  # labelled images to use (-1 = all)
+    fraction: float = 0.0  # or this fraction of them (0 = unset)
+    weak_classes: str = ""  # comma-separated class labels with image-level tags only
+    weak_loss: Literal["tags", "none"] = "tags"  # none = base-only fine-tuning
+    objective: Literal["ce", "mix-match"] = "ce"
+    epochs: int = 30
+    min_steps: int = 300  # small subsets run more epochs, so that every budget gets at least this many steps
+    mix_match_epochs: int = 0  # triplet-only epochs first (0 = a third of the epochs) for mix-match
+    seed: int = 0
+    batch_size: int = 8
+    lr: float = 3e-4  # classifier and projection head
+    backbone_lr_mult: float = 0.1  # vision tower learns at lr * this
+    weight_decay: float = 0.01
+    warmup_epochs: float = 1.0
+    short_side: int = 448  # images are resized to this short side (times a random scale) ...
+    scale_range: tuple[float, float] = (0.75, 1.5)
+    crop_size: int = 320  # ... then randomly cropped to this square
+    margin: float = 0.3  # triplet margin (cosine distance)
+    patches_per_class: int = 32  # mix-match / similarity: patches sampled per class per batch
+    tag_weight: float = 0.5
+    sim_weight: float = 0.5
+    templates: str = "short"  # prompt templates for the initial classifier
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    workers: int = 1
+    keep_last: int = 2
+    resume: str = ""  # "auto" or a checkpoint directory
+    log_every: int = 10
+
+
+# --------------------------------------------------------------------------- data
+def select_subset(num: int, images: int = -1, fraction: float = 0.0, seed: int = 0) -> list[int]:
+    """Sorted indices of a seeded random subset of ``num`` labelled images."""
+    if fraction:
+        if not 0.0 < fraction <= 1.0:
+            raise ValueError(f"--fraction must be in (0, 1], got {fraction}")
+        k = max(1, int(round(fraction * num)))
+    elif images >= 0:
+        k = min(images, num)
+    else:
+        k = num
+    g = torch.Generator().manual_seed(seed)
+    return sorted(torch.randperm(num, generator=g)[:k].tolist())
+
+
+def resolve_weak_classes(spec: str, labels: Sequence[str]) -> list[int]:
+    """``"car, fence"`` -> class indices; a name not in the dataset is a one-line error."""
+    names = [s.strip() for s in spec.split(",") if s.strip()]
+    lower = [lab.lower() for lab in labels]
+    out = []
+    for n in names:
+        if n.lower() not in lower:
+            raise ValueError(f"--weak-classes: {n!r} is not a class of this dataset ({', '.join(labels)})")
+        out.append(lower.index(n.lower()))
+    return sorted(set(out))
+
+
+def vocab_targets(ds, sample) -> np.ndarray:
+    """A sample's label map in vocabulary indices (0..C-1), everything else ``IGNORE``.
+
+    Datasets scored with a background class keep background out of fine-tuning: GroupViT
+    predicts it by threshold, so it has no classifier of its own.
+    """
+    t = ds.load_target(sample)
+    out = np.full(t.shape, IGNORE, dtype=np.int64)
+    C = len(ds.vocab)
+    if ds.background:
+        keep = (t >= 1) & (t <= C)
+        out[keep] = t[keep] - 1
+    else:
+        keep = (t >= 0) & (t < C)
+        out[keep] = t[keep]
+    return out
+
+
+def image_tags(target: np.ndarray, num_classes: int) -> np.ndarray:
+    """(C,) float presence of each class in a vocabulary-index label map (ignore excluded)."""
+    v = target[target != IGNORE]
+    tags = np.zeros(num_classes, dtype=np.float32)
+    tags[np.unique(v)] = 1.0
+    return tags
+
+
+def hide_classes(target: np.ndarray, hidden: Sequence[int]) -> np.ndarray:
+    """Copy of ``target`` with the pixels of ``hidden`` classes set to ``IGNORE``."""
+    out = target.copy()
+    if len(hidden):
+        out[np.isin(out, np.asarray(hidden))] = IGNORE
+    return out
+
+
+class LabelledImages(torch.utils.data.Dataset):
+    """Random-scale, random-crop, flip samples of a segmentation split.
+
+    Each item is ``pixels`` (3, S, S) normalised, ``target`` (S, S) int64 with weak classes
+    hidden, and ``tags`` (C,) image-level presence from the full label map. Augmentation draws
+    from an RNG seeded by (seed, epoch, index): runs and resumed runs see the same crops.
+    """
+
+    def __init__(self, ds, indices: Sequence[int], cfg: FinetuneConfig, hidden: Sequence[int],
+                 mean: Sequence[float], std: Sequence[float]) -> None:
+        self.ds, self.indices, self.cfg, self.hidden = ds, list(indices), cfg, list(hidden)
+        self.mean = torch.tensor(mean).view(3, 1, 1)
+        self.std = torch.tensor(std).view(3, 1, 1)
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        from PIL import Image
+
+        cfg = self.cfg
+        sample = self.ds.samples[self.indices[i]]
+        img = load_image(sample.image)
+        full = vocab_targets(self.ds, sample)
+        if full.shape != (img.height, img.width):
+            raise ValueError(f"{sample.label}: label map {full.shape[::-1]} does not match image {img.size}")
+        tags = image_tags(full, len(self.ds.vocab))
+        target = hide_classes(full, self.hidden)
+        rng = np.random.default_rng([cfg.seed, self.epoch, self.indices[i]])
+        s = cfg.short_side * rng.uniform(*cfg.scale_range) / min(img.size)
+        w, h = max(1, round(img.width * s)), max(1, round(img.height * s))
+        img = img.resize((w, h), Image.BILINEAR)
+        lab = Image.fromarray(target.astype(np.uint8)).resize((w, h), Image.NEAREST)
+        px = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+        t = torch.from_numpy(np.asarray(lab, dtype=np.uint8).astype(np.int64))
+        S = cfg.crop_size
+        ph, pw = max(0, S - h), max(0, S - w)
+        if ph or pw:  # pad small images: zeros (mean after normalising) / ignore
+            px = F.pad(px, (0, pw, 0, ph))
+            t = F.pad(t, (0, pw, 0, ph), value=IGNORE)
+        y = int(rng.integers(0, px.shape[1] - S + 1))
+        x = int(rng.integers(0, px.shape[2] - S + 1))
+        px, t = px[:, y : y + S, x : x + S], t[y : y + S, x : x + S]
+        if rng.random() < 0.5:
+            px, t = px.flip(-1), t.flip(-1)
+        px = (px.float() / 255.0 - self.mean) / self.std
+        return {"pixels": px, "target": t.contiguous(), "tags": torch.from_numpy(tags)}
+
+
+# --------------------------------------------------------------------------- model
+class SegmentationHead(nn.Module):
+    """A GroupViT with a trainable classifier over its groups.
+
+    Args:
+        model: the pretrained GroupViT.
+        class_embeds: (C, D) initial classifier (L2-normalised class text embeddings).
+    """
+
+    def __init__(self, model: groupseg.GroupViT, class_embeds: torch.Tensor) -> None:
+        super().__init__()
+        self.model = model
+        self.classifier = nn.Parameter(class_embeds.detach().clone().float())
+        self.sim_head = nn.Sequential(nn.Linear(model.visual.width, 128), nn.GELU(), nn.Linear(128, 64))
+        self._patch_tokens: torch.Tensor | None = None
+        first = model.visual.stages[0]
+        first.blocks[-1].register_forward_hook(self._grab)
+
+    def _grab(self, module, inputs, output) -> None:
+        self._patch_tokens = output
+
+    def forward(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        g = self.model.encode_groups(pixels)
+        h, w = g["grid"]
+        scale = self.model.logit_scale.exp().clamp(max=100)
+        cls = F.normalize(self.classifier, dim=-1)
+        group_logits = scale * torch.einsum("bgd,cd->bgc", g["group_embeds"].float(), cls)  # (B, G, C)
+        grouping = g["grouping"].float()  # (B, G, h, w), softmax over G
+        tokens = self._patch_tokens[:, : h * w]  # (B, N, width): stage-1 patch features
+        return {
+            "group_logits": group_logits,
+            "grouping": grouping,
+            "group_embeds": g["group_embeds"].float(),
+            "patch_tokens": tokens.float(),
+        }
+
+
+def pixel_log_probs(group_logits: torch.Tensor, grouping: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """log p(class | pixel) = log sum_g p(g | pixel) p(class | g), at ``size``: (B, C, H, W)."""
+    grouping = F.interpolate(grouping, size=size, mode="bilinear", align_corners=False)
+    probs = torch.einsum("bgc,bghw->bchw", group_logits.softmax(-1), grouping)
+    return probs.clamp_min(1e-8).log()
+
+
+def patch_labels(target: torch.Tensor, grid: tuple[int, int], purity: float = 0.5) -> torch.Tensor:
+    """Majority class of each patch cell (B, h, w); ``IGNORE`` where no class covers ``purity``."""
+    B = target.shape[0]
+    C = int(target[target != IGNORE].max().item()) + 1 if (target != IGNORE).any() else 1
+    onehot = F.one_hot(target.clamp(max=C).long(), C + 1).permute(0, 3, 1, 2).float()[:, :C]
+    frac = F.adaptive_avg_pool2d(onehot, grid)  # (B, C, h, w)
+    best, lab = frac.max(1)
+    lab[best < purity] = IGNORE
+    return lab.view(B, *grid)
+
+
+def sample_patches(labels: torch.Tensor, per_class: int, gen: torch.Generator) -> torch.Tensor:
+    """Flat indices into (B*h*w) of up to ``per_class`` labelled patches of each class ("mix")."""
+    flat = labels.reshape(-1)
+    out = []
+    for c in flat[flat != IGNORE].unique():
+        idx = (flat == c).nonzero().squeeze(1)
+        out.append(idx[torch.randperm(len(idx), generator=gen)[:per_class]])
+    return torch.cat(out) if out else flat.new_zeros(0)
+
+
+def triplet_loss(feats: torch.Tensor, labels: torch.Tensor, margin: float) -> torch.Tensor:
+    """Batch-hard triplet loss on cosine distance: each anchor's farthest positive vs nearest negative."""
+    if feats.shape[0] < 2 or labels.unique().numel() < 2:
+        return feats.sum() * 0.0
+    f = F.normalize(feats, dim=-1)
+    d = 1.0 - f @ f.T
+    same = labels[:, None] == labels[None, :]
+    eye = torch.eye(len(labels), dtype=torch.bool, device=labels.device)
+    pos = d.masked_fill(~same | eye, float("-inf")).amax(1)
+    neg = d.masked_fill(same, float("inf")).amin(1)
+    ok = torch.isfinite(pos) & torch.isfinite(neg)
+    if not ok.any():
+        return feats.sum() * 0.0
+    return F.relu(pos[ok] - neg[ok] + margin).mean()
+
+
+def dense_group_features(out: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(B, h*w, D): each patch's mixture of its groups' embeddings (what the classifier sees)."""
+    grouping = out["grouping"].flatten(2)  # (B, G, N)
+    return torch.einsum("bgn,bgd->bnd", grouping, out["group_embeds"])
+
+
+def _pairs(n: int, k: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    a = torch.randint(0, n, (k,), generator=gen)
+    b = torch.randint(0, n, (k,), generator=gen)
+    return a, b
+
+
+# --------------------------------------------------------------------------- training
+class Finetuner:
+    """State and loop of one fine-tuning run."""
+
+    def __init__(self, cfg: FinetuneConfig) -> None:
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+
+        from eval.datasets import load_dataset
+
+        from .main import resolve_precision
+
+        if not cfg.out:
+            raise ValueError("--out is required")
+        if cfg.objective not in ("ce", "mix-match"):
+            raise ValueError(f"--objective must be ce or mix-match, got {cfg.objective!r}")
+        self.cfg = cfg
+        self.out = Path(cfg.out)
+        self.ds = load_dataset(cfg.dataset, cfg.data_root, cfg.split, cfg.vocab_file or None)
+        if not self.ds.samples:
+            raise FileNotFoundError(f"{cfg.dataset}: no labelled images in split {cfg.split!r}")
+        self.labels = self.ds.labels
+        self.hidden = resolve_weak_classes(cfg.weak_classes, self.labels) if cfg.weak_classes else []
+        self.subset = select_subset(len(self.ds), cfg.images, cfg.fraction, cfg.seed)
+        precision = resolve_precision(cfg.precision)
+        self.acc = Accelerator(mixed_precision="no" if precision == "fp32" else precision)
+        set_seed(cfg.seed)
+        from groupseg.pretrained import resolve_weights
+
+        src = Path(str(resolve_weights(cfg.weights or None)))
+        self.weights_dir = src if src.is_dir() else src.parent
+        seg = groupseg.Segmenter.from_pretrained(cfg.weights or None, templates=cfg.templates)
+        model = seg.model
+        with torch.no_grad():
+            _, emb, owner = seg.class_embeddings(self.ds.vocab)
+            C = len(self.labels)
+            init = torch.zeros(C, emb.shape[1]).index_add_(0, owner, emb.float().cpu())
+            init = F.normalize(init, dim=-1)
+        for p in model.text.parameters():
+            p.requires_grad_(False)
+        for p in model.text_proj.parameters():
+            p.requires_grad_(False)
+        self.head = SegmentationHead(model, init)
+        self.step = 0
+        self.epoch = 0
+        mcfg = model.cfg
+        self.data = LabelledImages(self.ds, self.subset, cfg, self.hidden, mcfg.image_mean, mcfg.image_std)
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+        self.epochs, self.mix_epochs = cfg.epochs, 0
+
+    # ------------------------------------------------------------------ pieces
+    def _optimizer(self) -> torch.optim.Optimizer:
+        cfg, head = self.cfg, self.head
+        backbone = [p for p in head.model.visual.parameters() if p.requires_grad]
+        heads = list(head.model.visual_proj.parameters()) + [head.classifier, head.model.logit_scale]
+        heads += list(head.sim_head.parameters())
+        return torch.optim.AdamW(
+            [{"params": backbone, "lr": cfg.lr * cfg.backbone_lr_mult}, {"params": heads, "lr": cfg.lr}],
+            lr=cfg.lr, weight_decay=cfg.weight_decay,
+        )
+
+    def _loader(self, epoch: int):
+        self.data.epoch = epoch
+        g = torch.Generator().manual_seed(self.cfg.seed * 1000003 + epoch)
+        return torch.utils.data.DataLoader(
+            self.data, batch_size=self.cfg.batch_size, shuffle=True, generator=g, drop_last=len(self.data) > self.cfg.batch_size,
+            num_workers=self.cfg.workers, persistent_workers=False,
+        )
+
+    def _train_mode(self) -> None:
+        self.head.train()
+        self.head.model.text.eval()
+        for m in self.head.modules():  # small batches: keep the pretrained BatchNorm statistics
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+
+    def losses(self, batch: dict[str, torch.Tensor], epoch: int) -> dict[str, torch.Tensor]:
+        """All loss terms of one batch (only what the mode uses is non-zero)."""
+        cfg = self.cfg
+        px, target, tags = batch["pixels"], batch["target"], batch["tags"]
+        with self.acc.autocast():
+            out = self.head(px)
+        grid = out["grouping"].shape[-2:]
+        terms: dict[str, torch.Tensor] = {}
+        if epoch < self.mix_epochs:  # mix-and-match stage: triplets over patches of all images in the batch
+            lab = patch_labels(target, tuple(grid))
+            idx = sample_patches(lab, cfg.patches_per_class, self.gen).to(px.device)
+            feats = dense_group_features(out).reshape(-1, out["group_embeds"].shape[-1])
+            terms["triplet"] = triplet_loss(feats[idx], lab.reshape(-1)[idx], cfg.margin)
+            return terms
+        logp = pixel_log_probs(out["group_logits"], out["grouping"], tuple(target.shape[-2:]))
+        terms["ce"] = self.pixel_loss(logp, target)
+        if self.hidden and cfg.weak_loss == "tags":
+            weak = torch.tensor(self.hidden, device=px.device)
+            # proposals = groups: an image has a weak class iff some group is that class
+            p_img = out["group_logits"].softmax(-1).amax(1)[:, weak].clamp(1e-6, 1 - 1e-6)  # (B, W)
+            terms["tag"] = cfg.tag_weight * F.binary_cross_entropy(p_img, tags[:, weak].float())
+            terms.update(self._similarity_terms(out, target, grid))
+        return terms
+
+    def pixel_loss(self, log_probs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Per-pixel NLL; ``IGNORE`` pixels (hidden weak classes included) contribute nothing."""
+        return F.nll_loss(log_probs, target, ignore_index=IGNORE)
+
+    def _similarity_terms(self, out, target, grid) -> dict[str, torch.Tensor]:
+        """Pixel-pixel similarity: learnt on base-class patch pairs, transferred to hidden pixels."""
+        cfg = self.cfg
+        lab = patch_labels(target, tuple(grid)).reshape(target.shape[0], -1)  # (B, N), hidden = IGNORE
+        emb = F.normalize(self.head.sim_head(out["patch_tokens"]), dim=-1)  # (B, N, 64)
+        B, N = lab.shape
+        k = cfg.patches_per_class * 8
+        bi = torch.randint(0, B, (k,), generator=self.gen)
+        a, b = _pairs(N, k, self.gen)
+        la, lb = lab[bi, a], lab[bi, b]
+        sim_logit = 10.0 * (emb[bi, a] * emb[bi, b]).sum(-1)
+        known = (la != IGNORE) & (lb != IGNORE)
+        terms = {}
+        if known.any():  # learn "same class?" on base-class pairs
+            terms["sim"] = cfg.sim_weight * F.binary_cross_entropy_with_logits(sim_logit[known], (la == lb)[known].float())
+        unknown = ~known
+        if unknown.any():  # transfer: pairs touching hidden pixels should agree as the similarity says
+            probs = torch.einsum("bgc,bgn->bnc", out["group_logits"].softmax(-1), out["grouping"].flatten(2))
+            same = (probs[bi, a] * probs[bi, b]).sum(-1).clamp(1e-6, 1 - 1e-6)
+            goal = torch.sigmoid(sim_logit.detach())
+            terms["transfer"] = cfg.sim_weight * F.binary_cross_entropy(same[unknown], goal[unknown])
+        return terms
+
+    # ------------------------------------------------------------------ checkpoints and export
+    def _state(self) -> dict[str, Any]:
+        return {"step": self.step, "epoch": self.epoch, "config": json.loads(json.dumps(dataclasses.asdict(self.cfg))),
+                "subset": [self.ds.samples[i].stem for i in self.subset], "gen": self.gen.get_state().tolist()}
+
+    def save(self) -> None:
+        if self.acc.is_main_process:
+            save_checkpoint(self.out / "checkpoints", self.step, lambda d: self.acc.save_state(str(d)), self._state(), self.cfg.keep_last)
+            self.export()
+        self.acc.wait_for_everyone()
+
+    def resume(self) -> None:
+        if not self.cfg.resume:
+            return
+        ckpt = latest_checkpoint(self.out / "checkpoints") if self.cfg.resume == "auto" else Path(self.cfg.resume)
+        if ckpt is None:
+            log.info("no checkpoint in %s: starting fresh", self.out / "checkpoints")
+            return
+        st = read_state(ckpt)
+        if st.get("subset") != [self.ds.samples[i].stem for i in self.subset]:
+            raise ValueError(f"{ckpt}: checkpoint was trained on a different image subset (check --seed/--images/--fraction)")
+        self.acc.load_state(str(ckpt))
+        self.step, self.epoch = st["step"], st["epoch"]
+        self.gen.set_state(torch.tensor(st["gen"], dtype=torch.uint8))
+        metrics = self.out / "metrics.jsonl"
+        if metrics.exists():
+            keep = [ln for ln in metrics.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= self.step]
+            metrics.write_text("".join(ln + "\n" for ln in keep))
+        log.info("resumed from %s at epoch %d (step %d)", ckpt, self.epoch, self.step)
+
+    def export(self) -> Path:
+        """Ordinary groupseg weights in ``out``: the model plus the tuned class vectors."""
+        head = self.acc.unwrap_model(self.head)
+        model = head.model
+        saved = (list(model.cfg.tuned_classes), model.tuned_class_embeds)
+        tmp = self.out / "model.tmp"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        try:  # the live model stays as it was: checkpoints keep one state layout
+            model.set_tuned_classes(self.labels, F.normalize(head.classifier.detach().float(), dim=-1))
+            model.save_pretrained(tmp, dtype=torch.float16 if self._fp16_source() else None)
+        finally:
+            model.cfg.tuned_classes = saved[0]
+            if saved[1] is None:
+                del model.tuned_class_embeds
+                model.register_parameter("tuned_class_embeds", None)
+            else:
+                model.tuned_class_embeds = saved[1]
+        if (self.weights_dir / "tokenizer").is_dir():
+            shutil.copytree(self.weights_dir / "tokenizer", tmp / "tokenizer")
+        for f in tmp.iterdir():
+            dest = self.out / f.name
+            if dest.is_dir():
+                shutil.rmtree(dest)
+            f.replace(dest)
+        tmp.rmdir()
+        return self.out
+
+    def _fp16_source(self) -> bool:
+        from safetensors import safe_open
+
+        st = self.weights_dir / "model.safetensors"
+        if not st.exists():
+            return False
+        with safe_open(str(st), "pt") as f:
+            return f.get_slice(next(iter(f.keys()))).get_dtype() in ("F16", "BF16")
+
+    # ------------------------------------------------------------------ loop
+    def fit(self) -> Path:
+        from tqdm import tqdm
+
+        from .main import plot_loss_curve
+
+        cfg, acc = self.cfg, self.acc
+        self.out.mkdir(parents=True, exist_ok=True)
+        if not cfg.resume and latest_checkpoint(self.out / "checkpoints") is not None:
+            raise ValueError(f"{self.out} already holds checkpoints: pass --resume auto to continue, or choose another --out")
+        (self.out / "subset.txt").write_text("".join(self.ds.samples[i].stem + "\n" for i in self.subset))
+        (self.out / "finetune_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+        if not self.subset or cfg.epochs == 0:
+            # nothing to learn from: the zero-shot model itself (prompt ensembles, max over synonyms)
+            log.info("no labelled images: writing the starting (zero-shot) model unchanged")
+            model = self.acc.unwrap_model(self.head).model
+            model.save_pretrained(self.out, dtype=torch.float16 if self._fp16_source() else None)
+            if (self.weights_dir / "tokenizer").is_dir() and not (self.out / "tokenizer").exists():
+                shutil.copytree(self.weights_dir / "tokenizer", self.out / "tokenizer")
+            return self.out
+        opt = self._optimizer()
+        steps_per_epoch = max(1, len(self._loader(0)))
+        self.epochs = max(cfg.epochs, math.ceil(cfg.min_steps / steps_per_epoch))
+        if cfg.objective == "mix-match":
+            self.mix_epochs = cfg.mix_match_epochs or max(1, self.epochs // 3)
+        total = steps_per_epoch * self.epochs
+        log.info("%d labelled images, %d epochs of %d steps", len(self.subset), self.epochs, steps_per_epoch)
+        warm = int(cfg.warmup_epochs * steps_per_epoch)
+
+        def factor(step: int) -> float:
+            if step < warm:
+                return (step + 1) / warm
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        self.head, opt = acc.prepare(self.head, opt)
+        acc.register_for_checkpointing(sched)
+        self.resume()
+        metrics = (self.out / "metrics.jsonl").open("a")
+        bar = tqdm(total=total, initial=self.step, desc="finetune", disable=not acc.is_main_process, dynamic_ncols=True)
+        t0 = time.time()
+        while self.epoch < self.epochs:
+            self._train_mode()
+            for batch in self._loader(self.epoch):
+                batch = {k: v.to(acc.device) for k, v in batch.items()}
+                terms = self.losses(batch, self.epoch)
+                loss = sum(terms.values())
+                acc.backward(loss)
+                acc.clip_grad_norm_(self.head.parameters(), 5.0)
+                opt.step()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+                self.step += 1
+                bar.update(1)
+                if self.step % cfg.log_every == 0 and acc.is_main_process:
+                    rec = {"step": self.step, "epoch": self.epoch, "loss": float(loss.detach())}
+                    rec |= {f"{k}_loss": float(v.detach()) for k, v in terms.items()}
+                    rec |= {"lr": sched.get_last_lr()[1], "elapsed_s": round(time.time() - t0, 1)}
+                    metrics.write(json.dumps(rec) + "\n")
+                    metrics.flush()
+                    bar.set_postfix(loss=f"{rec['loss']:.3f}")
+            self.epoch += 1
+            self.save()
+        bar.close()
+        metrics.close()
+        if acc.is_main_process:
+            plot_loss_curve(self.out / "metrics.jsonl", self.out / "loss_curve.png")
+        return self.out
+
+
+# --------------------------------------------------------------------------- command line
+def add_finetune_args(p: argparse.ArgumentParser) -> None:
+    d = FinetuneConfig()
+    p.add_argument("--dataset", required=True, help="camvid, voc, ade20k, coco-stuff, imagenet-s, folder, ... (as groupseg eval)")
+    p.add_argument("--data-root", required=True)
+    p.add_argument("--split", default=d.split)
+    p.add_argument("--vocab-file", default="", help="class names, one per line in label order (required for folder)")
+    p.add_argument("--weights", default="", help="starting weights (default: the shipped model)")
+    p.add_argument("--out", required=True, help="output directory: groupseg weights + checkpoints/")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--images", type=int, default=d.images, help="use N labelled images (seeded subset)")
+    g.add_argument("--fraction", type=float, default=d.fraction, help="use this fraction of the labelled images, in (0, 1]")
+    p.add_argument("--weak-classes", default="", help="comma-separated classes with image-level tags only")
+    p.add_argument("--weak-loss", choices=["tags", "none"], default=d.weak_loss, help="none = base-only fine-tuning")
+    p.add_argument("--objective", choices=["ce", "mix-match"], default=d.objective)
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--mix-match-epochs", type=int, default=d.mix_match_epochs)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--backbone-lr-mult", type=float, default=d.backbone_lr_mult)
+    p.add_argument("--crop-size", type=int, default=d.crop_size)
+    p.add_argument("--short-side", type=int, default=d.short_side)
+    p.add_argument("--templates", default=d.templates)
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default=d.precision)
+    p.add_argument("--workers", type=int, default=d.workers)
+    p.add_argument("--resume", default="", help="'auto' = continue from the latest checkpoint in OUT/checkpoints")
+
+
+def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
+    names = {f.name for f in dataclasses.fields(FinetuneConfig)}
+    return FinetuneConfig(**{k: v for k, v in vars(args).items() if k in names})
+
+
+def run_finetune(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    out = Finetuner(config_from_args(args)).fit()
+    print(f"done: weights in {out} (groupseg segment/eval/groups --weights {out})")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="training.finetune", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_finetune_args(p)
+    args = p.parse_args(argv)
+    try:
+        return run_finetune(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"groupseg finetune: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
