@@ -44,6 +44,7 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--window", type=int, default=0, help="sliding-window size (0 = whole image)")
     p.add_argument("--top-k", type=int, default=0, help="keep only each image's k most likely classes (0 = all)")
     p.add_argument("--flip", action="store_true", help="average class scores with the mirrored image")
+    p.add_argument("--pamr", action="store_true", help="refine boundaries onto image edges with PAMR (as TCL)")
     p.add_argument("--scales", default="1", help="comma-separated short-side factors whose class scores are averaged, e.g. 0.75,1,1.25")
     p.add_argument("--limit", type=int, default=0, help="evaluate only the first N images (0 = all)")
     p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
@@ -129,6 +130,7 @@ def predict(seg, image: np.ndarray, vocab: Sequence[str], threshold: float, flip
     if not flip and list(scales) == [1.0]:
         r = seg.segment(image, vocab, threshold=threshold)
         return r.label_map, r.background
+    refine, seg.refine = seg.refine, ""  # refine the averaged scores once, below
     base = seg.short_side
     acc, n = None, 0
     try:
@@ -142,7 +144,13 @@ def predict(seg, image: np.ndarray, vocab: Sequence[str], threshold: float, flip
                 n += 1
     finally:
         seg.short_side = base
-    conf, label = (acc / n).max(0)
+        seg.refine = refine
+    acc /= n
+    if refine == "pamr":
+        from groupseg.refine import pamr
+
+        acc = pamr(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float(), acc)
+    conf, label = acc.max(0)
     small = acc.shape[0] < 255
     bg = 255 if small else -1
     lm = label.numpy().astype(np.uint8 if small else np.int32)
@@ -316,7 +324,8 @@ def _segmenter(args, threshold: float):
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     weights = resolve_weights(args.weights)
     seg = Segmenter.from_pretrained(weights, device=device, templates=args.templates, short_side=args.short_side,
-                                    window=args.window, top_k=args.top_k, threshold=threshold)
+                                    window=args.window, top_k=args.top_k, threshold=threshold,
+                                    refine="pamr" if args.pamr else "")
     return seg, str(weights)
 
 

@@ -87,7 +87,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
     paths = expand_images(args.images)
     seg = Segmenter.from_pretrained(
         args.weights, device=args.device, templates=args.templates, short_side=args.short_side,
-        window=args.window, top_k=args.top_k, threshold=args.threshold,
+        window=args.window, top_k=args.top_k, threshold=args.threshold, refine="pamr" if args.pamr else "",
     )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -199,6 +199,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, default=0.0, help="class probability below which a pixel is background (255)")
     p.add_argument("--window", type=int, default=0, help="sliding-window size for long images (0 = whole image)")
     p.add_argument("--top-k", type=int, default=0, help="keep only the image's k most likely classes (0 = all)")
+    p.add_argument("--pamr", action="store_true", help="refine segment boundaries onto image edges (PAMR, as TCL)")
     p.add_argument("--clusters", type=int, default=0, metavar="K",
                    help="vocabulary-free: cluster the segments into K groups and name them from --vocab/--vocab-file "
                    "or the shipped noun list")

@@ -165,6 +165,8 @@ class Segmenter:
         device: torch device.
         weights_dir: where the weights came from (for a Hugging Face tokenizer stored beside them).
         tokenizer: use this tokenizer instead of the one found from the config / ``weights_dir``.
+        refine: ``"pamr"`` moves segment boundaries onto image edges (``groupseg.refine.pamr``,
+            as TCL does at test time); ``""`` = off.
 
     >>> seg = Segmenter.from_pretrained()  # doctest: +SKIP
     >>> out = seg.segment("street.jpg", ["road", "car", "cyclist", "puddle"])  # doctest: +SKIP
@@ -181,7 +183,11 @@ class Segmenter:
         device: str | torch.device = "cpu",
         weights_dir: str | Path | None = None,
         tokenizer=None,
+        refine: str = "",
     ) -> None:
+        if refine not in ("", "pamr"):
+            raise ValueError(f"unknown refinement {refine!r}; expected 'pamr' or ''")
+        self.refine = refine
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.cfg = model.cfg
@@ -301,6 +307,7 @@ class Segmenter:
         vocab: str | Sequence[str],
         threshold: float | None = None,
         top_k: int | None = None,
+        refine: str | None = None,
     ) -> SegmentationResult:
         """Label every pixel of ``image`` with one of the classes of ``vocab``.
 
@@ -309,6 +316,7 @@ class Segmenter:
             vocab: a comma-separated string or a list of classes (synonyms with ``;``).
             threshold: background threshold on the class probability (default: the Segmenter's).
             top_k: image-level class filter (default: the Segmenter's).
+            refine: ``"pamr"`` or ``""`` (default: the Segmenter's).
         """
         t0 = time.perf_counter()
         labels, text, owner = self.class_embeddings(vocab)
@@ -330,7 +338,7 @@ class Segmenter:
             parts.append((y, x, probs.cpu(), gidx.cpu()))
         t2 = time.perf_counter()
 
-        def scores_at(size: tuple[int, int], classes: slice = slice(None)) -> torch.Tensor:
+        def scores_at(size: tuple[int, int], classes: slice | torch.Tensor = slice(None)) -> torch.Tensor:
             """Average window scores (c, h, w) at the resized resolution, then resize to ``size``."""
             if len(parts) == 1:
                 probs, gidx = parts[0][2], resize_nearest(parts[0][3], size)
@@ -346,7 +354,16 @@ class Segmenter:
             acc /= count
             return F.interpolate(acc[None], size=size, mode="nearest")[0] if tuple(size) != (h, w) else acc
 
-        if len(parts) == 1:
+        refine = self.refine if refine is None else refine
+        if refine == "pamr":  # refine the scores of the classes that win somewhere, at the model's input size
+            from .refine import pamr
+
+            winners = torch.cat([p[2].argmax(1)[p[3]].unique() for p in parts]).unique()
+            refined = pamr(px, scores_at((h, w), winners))
+            v, i = refined.max(0)
+            label = resize_nearest(winners[i], (H0, W0))
+            conf = F.interpolate(v[None, None], size=(H0, W0), mode="nearest")[0, 0]
+        elif len(parts) == 1:
             probs, gidx = parts[0][2], resize_nearest(parts[0][3], (H0, W0))
             best, seg_label = probs.max(dim=1)  # per segment
             label = seg_label[gidx]

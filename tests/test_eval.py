@@ -332,6 +332,9 @@ def test_eval_camvid_layout_flip_scales_and_unsupervised(tiny_weights, tmp_path)
     assert rc == 0
     r = json.loads(out.read_text())
     assert r["num_images"] == 2 and len(r["per_class_iou"]) == 11 and r["threshold"] == 0.5
+    for extra in ([], ["--flip"]):  # PAMR on the plain path and on averaged scores
+        rc = _eval(tiny_weights, "--dataset", "camvid", "--data-root", tmp_path / "camvid", "--out", out, "--pamr", *extra)
+        assert rc == 0 and json.loads(out.read_text())["num_images"] == 3
     rc = _eval(tiny_weights, "--dataset", "camvid", "--data-root", tmp_path / "camvid", "--out", out,
                "--protocol", "unsupervised", "--gallery", tmp_path / "g.png", "--save-predictions", tmp_path / "p")
     assert rc == 0
