@@ -38,8 +38,10 @@ def test_hf_text_tower_builds_saves_and_loads(tmp_path):
     out = tmp_path / "weights"
     model.save_pretrained(out)
     copy_tokenizer(str(src), out)
-    seg = Segmenter.from_pretrained(out, templates="simple", short_side=32)
+    seg = Segmenter.from_pretrained(out, templates="simple", short_side=32, text_precision="fp32")
     emb = seg.encode_texts(["dog", "cat", "road car"])
+    fast = Segmenter.from_pretrained(out, templates="simple", short_side=32, text_precision="bf16").encode_texts(["dog", "cat", "road car"])
+    assert (fast * emb).sum(-1).min() > 0.99  # bf16 prompt encoding stays close to fp32
     assert emb.shape == (3, 16) and torch.allclose(emb.norm(dim=-1), torch.ones(3), atol=1e-5)
     with torch.no_grad():
         direct = model.encode_text(seg.tokenizer(["dog", "cat", "road car"]))

@@ -307,7 +307,7 @@ class Finetuner:
 
         from eval.datasets import load_dataset
 
-        from .main import resolve_precision
+        from groupseg.precision import resolve_precision
 
         if not cfg.out:
             raise ValueError("--out is required")

@@ -22,6 +22,7 @@ import torch
 
 import groupseg
 from groupseg.loss import MultiLabelContrastiveLoss
+from groupseg.precision import resolve_precision
 
 from .checkpoint import latest_checkpoint, read_state, save_checkpoint
 from .config import TrainConfig, load_config, parse_overrides
@@ -30,23 +31,6 @@ log = logging.getLogger("groupseg.train")
 
 
 # --------------------------------------------------------------------------- building blocks
-def cpu_has_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def resolve_precision(p: str) -> str:
-    """``auto`` -> bf16 on GPUs with bf16 and CPUs with native bf16 (AVX512-BF16/AMX), else fp32."""
-    if p != "auto":
-        return p
-    if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "bf16" if cpu_has_bf16() else "fp32"
-
-
 def build_model(cfg: TrainConfig) -> groupseg.GroupViT:
     if cfg.init_weights:
         model = groupseg.load_model(cfg.init_weights)
