@@ -1,10 +1,13 @@
-"""End-to-end ``Segmenter.segment`` latency with a 1,000-word vocabulary.
+"""End-to-end segmentation latency with a 1,000-word vocabulary: groupseg vs transformers' GroupViT.
 
     python benchmarks/segment.py --weights runs/flickr8k-default/model [--image docs/rocket.jpg] [--threads 2]
 
-Prints the first call (1,000 new words: prompt encoding included) and later calls (cached text
-embeddings) on a photo resized to a 448 px short side. (The comparison row for transformers'
-GroupViT at 224 px is not written yet.)
+groupseg: ``Segmenter.segment`` on a photo resized to a 448 px short side, the first call
+(1,000 new words, prompt encoding included) and later calls (cached text embeddings), with the
+prompt encoder in fp32 and in bf16 autocast (``text_precision``), alternating in one run.
+transformers: ``GroupViTModel(output_segmentation=True)`` of the published gvit-s config (random
+weights: only the time matters) at 224 px, the only size it accepts, with the same 1,000 words in
+one template (it has no text cache: every call encodes the prompts, padded to 77 tokens).
 """
 from __future__ import annotations
 
@@ -15,33 +18,77 @@ import time
 import torch
 
 
+def time_groupseg(weights, image, vocab, templates, precision, repeats) -> tuple[float, float, float]:
+    from groupseg.segment import Segmenter
+
+    seg = Segmenter.from_pretrained(weights, templates=templates, text_precision=precision)
+    t0 = time.perf_counter()
+    first = seg.segment(image, vocab)
+    t_first = time.perf_counter() - t0
+    later = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        seg.segment(image, vocab)
+        later.append(time.perf_counter() - t0)
+    return t_first, first.timing["text"], statistics.median(later)
+
+
+def time_transformers(vocab, repeats) -> tuple[float, float]:
+    from transformers import GroupViTConfig, GroupViTModel
+
+    from groupseg.tokenizer import tokenize
+
+    model = GroupViTModel(GroupViTConfig()).eval()
+    ids = tokenize([f"a photo of a {w}." for w in vocab], 77)
+    px = torch.randn(1, 3, 224, 224)
+    times, img_times = [], []
+    with torch.no_grad():
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            out = model(input_ids=ids, pixel_values=px, output_segmentation=True)
+            times.append(time.perf_counter() - t0)
+            assert out.segmentation_logits.shape[1] == len(vocab)
+            t0 = time.perf_counter()
+            model.get_image_features(pixel_values=px)
+            img_times.append(time.perf_counter() - t0)
+    return statistics.median(times), statistics.median(img_times)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--weights", help="weights to time (default: groupseg's default weights)")
     p.add_argument("--image", default="docs/rocket.jpg")
     p.add_argument("--words", type=int, default=1000)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=2, help="alternating fp32 / bf16 rounds of the first call")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--templates", default="short")
+    p.add_argument("--no-transformers", action="store_true")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    from groupseg.prompting import shipped_vocab
-    from groupseg.segment import Segmenter
+    from groupseg.precision import cpu_has_bf16
+    from groupseg.prompting import load_templates, shipped_vocab
 
     vocab = shipped_vocab("nouns_large")[: args.words]
-    seg = Segmenter.from_pretrained(args.weights, templates=args.templates)
-    t0 = time.perf_counter()
-    first = seg.segment(args.image, vocab)
-    t_first = time.perf_counter() - t0
-    later = []
-    for _ in range(args.repeats):
-        t0 = time.perf_counter()
-        out = seg.segment(args.image, vocab)
-        later.append(time.perf_counter() - t0)
-    h, w = out.label_map.shape
-    print(f"{len(vocab)} words x {len(seg.templates)} templates, image {w}x{h} -> short side {seg.short_side}, {args.threads} threads")
-    print(f"first call (new words): {t_first:.2f} s  (text {first.timing['text']:.2f} s, model {first.timing['model']:.2f} s)")
-    print(f"cached calls: median {statistics.median(later):.3f} s, min {min(later):.3f} s over {args.repeats}")
+    n_t = len(load_templates(args.templates))
+    print(f"{len(vocab)} words x {n_t} templates ({args.templates}), {args.image} at a 448 px short side, "
+          f"{args.threads} threads, cpu bf16: {cpu_has_bf16()}")
+    res: dict[str, list] = {"fp32": [], "bf16": []}
+    for _ in range(args.rounds):
+        for prec in ("fp32", "bf16"):
+            res[prec].append(time_groupseg(args.weights, args.image, vocab, args.templates, prec, args.repeats))
+    for prec, rows in res.items():
+        first = statistics.median(r[0] for r in rows)
+        text = statistics.median(r[1] for r in rows)
+        cached = statistics.median(r[2] for r in rows)
+        print(f"groupseg text {prec}: first call {first:.2f} s (prompt encoding {text:.2f} s), cached calls {cached:.3f} s")
+    f32 = statistics.median(r[0] for r in res["fp32"])
+    b16 = statistics.median(r[0] for r in res["bf16"])
+    print(f"first call, bf16 vs fp32 prompt encoding: {f32 / b16:.2f}x faster")
+    if not args.no_transformers:
+        full, img = time_transformers(vocab, max(2, args.repeats // 2))
+        print(f"transformers GroupViT (224 px, {len(vocab)} prompts x 1 template, every call): {full:.2f} s per call; "
+              f"image tower alone {img:.3f} s; 448 px: not possible (fixed input size)")
 
 
 if __name__ == "__main__":
