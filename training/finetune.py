@@ -74,7 +74,7 @@ class FinetuneConfig:
     mix_match_epochs: int = 0  # triplet-only epochs first (0 = a third of the epochs) for mix-match
     seed: int = 0
     batch_size: int = 8
-    lr: float = 3e-4  # classifier and projection head
+    lr: float = 1e-3  # classifier and projection head
     backbone_lr_mult: float = 0.1  # vision tower learns at lr * this
     weight_decay: float = 0.01
     warmup_epochs: float = 1.0
@@ -363,7 +363,8 @@ class Finetuner:
         g = torch.Generator().manual_seed(self.cfg.seed * 1000003 + epoch)
         return torch.utils.data.DataLoader(
             self.data, batch_size=self.cfg.batch_size, shuffle=True, generator=g, drop_last=len(self.data) > self.cfg.batch_size,
-            num_workers=self.cfg.workers, persistent_workers=False,
+            # a few images: a worker process per epoch would cost more than it saves
+            num_workers=self.cfg.workers if len(self.data) >= 8 * self.cfg.batch_size else 0, persistent_workers=False,
         )
 
     def _train_mode(self) -> None:
