@@ -303,7 +303,7 @@ class Finetuner:
 
     def __init__(self, cfg: FinetuneConfig) -> None:
         from accelerate import Accelerator
-        from accelerate.utils import set_seed
+        from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
         from eval.datasets import load_dataset
 
@@ -322,7 +322,9 @@ class Finetuner:
         self.hidden = resolve_weak_classes(cfg.weak_classes, self.labels) if cfg.weak_classes else []
         self.subset = select_subset(len(self.ds), cfg.images, cfg.fraction, cfg.seed)
         precision = resolve_precision(cfg.precision)
-        self.acc = Accelerator(mixed_precision="no" if precision == "fp32" else precision)
+        # some heads sit idle in some stages (the classifier during mix-and-match, the similarity head without weak classes)
+        ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
+        self.acc = Accelerator(mixed_precision="no" if precision == "fp32" else precision, kwargs_handlers=[ddp])
         set_seed(cfg.seed)
         from groupseg.pretrained import resolve_weights
 
@@ -359,12 +361,14 @@ class Finetuner:
         )
 
     def _loader(self, epoch: int):
+        """This process's share of a seeded shuffle of the subset (every process: a different share)."""
         self.data.epoch = epoch
         g = torch.Generator().manual_seed(self.cfg.seed * 1000003 + epoch)
+        order = torch.randperm(len(self.data), generator=g)[self.acc.process_index :: self.acc.num_processes].tolist()
         return torch.utils.data.DataLoader(
-            self.data, batch_size=self.cfg.batch_size, shuffle=True, generator=g, drop_last=len(self.data) > self.cfg.batch_size,
+            self.data, batch_size=self.cfg.batch_size, sampler=order, drop_last=len(order) > self.cfg.batch_size,
             # a few images: a worker process per epoch would cost more than it saves
-            num_workers=self.cfg.workers if len(self.data) >= 8 * self.cfg.batch_size else 0, persistent_workers=False,
+            num_workers=self.cfg.workers if len(order) >= 8 * self.cfg.batch_size else 0, persistent_workers=False,
         )
 
     def _train_mode(self) -> None:
