@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import heapq
+import os
 import json
 import math
 import sys
@@ -66,11 +67,27 @@ def run_eval(args: argparse.Namespace) -> int:
         raise ValueError("--clusters applies to --protocol unsupervised (for one image: groupseg segment --clusters K)")
     if args.protocol == "unsupervised" and (args.flip or _scales(args.scales) != [1.0]):
         raise ValueError("--flip and --scales apply to the zero-shot protocol only")
+    from accelerate import PartialState
+
+    # under `accelerate launch` (or torchrun), every process takes its share of the images
+    state = PartialState(cpu=os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true") or not torch.cuda.is_available())
+    world, rank = state.num_processes, state.process_index
+    if world > 1:
+        if args.protocol == "unsupervised":
+            raise ValueError("--protocol unsupervised clusters the whole dataset at once: run it in one process")
+        args.device = args.device or str(state.device)
+        print(f"process {rank} of {world}: {len(samples[rank::world])} of {len(samples)} images", file=sys.stderr)
     seg, weights = _segmenter(args, threshold)
     if args.protocol == "unsupervised":
         cm, per_image = evaluate_unsupervised(seg, ds, samples, args)
     else:
-        cm, per_image = evaluate_zero_shot(seg, ds, samples, args, threshold)
+        cm, per_image = evaluate_zero_shot(seg, ds, samples[rank::world], args, threshold)
+    if world > 1:
+        from accelerate.utils import reduce
+
+        cm.mat = reduce(cm.mat.to(state.device), reduction="sum").cpu()
+        if not state.is_main_process:
+            return 0  # the main process reports (its gallery shows its own share of the images)
     res = cm.compute()
     print_table(ds, res, len(samples), f"{ds.name} ({args.split}), {args.protocol}, threshold {threshold:g}")
     if args.confusion:

@@ -406,3 +406,32 @@ def test_compare_picture_from_saved_predictions(tmp_path):
     assert img.width == 4 * (240 + 4) + 4  # image, truth and two models
     (tmp_path / "b" / "0016E5_02.png").unlink()
     assert compare_main(args) == 2  # a missing prediction is named, not a traceback
+
+
+def test_eval_splits_images_across_processes(tiny_weights, tmp_path):
+    """Two processes (gloo on CPU, as `accelerate launch` sets them up) give the one-process numbers."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    make_camvid(tmp_path / "camvid", n=5)
+    base = [sys.executable, "-m", "groupseg.cli", "eval", "--weights", str(tiny_weights), "--short-side", "64",
+            "--templates", "simple", "--device", "cpu", "--dataset", "camvid", "--data-root", str(tmp_path / "camvid")]
+    assert subprocess.run(base + ["--out", str(tmp_path / "one.json")], capture_output=True).returncode == 0
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank in range(2):
+        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                   WORLD_SIZE="2", ACCELERATE_USE_CPU="true")
+        procs.append(subprocess.Popen(base + ["--out", str(tmp_path / "two.json")], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    for rank, p in enumerate(procs):
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err.decode()[-2000:]
+        assert f"process {rank} of 2: {3 - rank} of 5 images" in err.decode()  # really split
+    one, two = (json.loads((tmp_path / f).read_text()) for f in ("one.json", "two.json"))
+    assert two["num_pixels"] == one["num_pixels"] and two["miou"] == pytest.approx(one["miou"])
+    assert two["per_class_iou"] == one["per_class_iou"]
