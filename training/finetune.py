@@ -80,7 +80,7 @@ class FinetuneConfig:
     warmup_epochs: float = 1.0
     short_side: int = 448  # images are resized to this short side (times a random scale) ...
     scale_range: tuple[float, float] = (0.75, 1.5)
-    crop_size: int = 320  # ... then randomly cropped to this square
+    crop_size: int = 256  # ... then randomly cropped to this square
     margin: float = 0.3  # triplet margin (cosine distance)
     patches_per_class: int = 32  # mix-match / similarity: patches sampled per class per batch
     tag_weight: float = 0.5
@@ -230,7 +230,7 @@ class SegmentationHead(nn.Module):
         h, w = g["grid"]
         scale = self.model.logit_scale.exp().clamp(max=100)
         cls = F.normalize(self.classifier, dim=-1)
-        group_logits = scale * torch.einsum("bgd,cd->bgc", g["group_embeds"].float(), cls)  # (B, G, C)
+        group_logits = scale * torch.einsum("bgd,cd->bgc", g["group_embeds"].float(), cls).float()  # (B, G, C)
         grouping = g["grouping"].float()  # (B, G, h, w), softmax over G
         tokens = self._patch_tokens[:, : h * w]  # (B, N, width): stage-1 patch features
         return {
@@ -243,8 +243,8 @@ class SegmentationHead(nn.Module):
 
 def pixel_log_probs(group_logits: torch.Tensor, grouping: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """log p(class | pixel) = log sum_g p(g | pixel) p(class | g), at ``size``: (B, C, H, W)."""
-    grouping = F.interpolate(grouping, size=size, mode="bilinear", align_corners=False)
-    probs = torch.einsum("bgc,bghw->bchw", group_logits.softmax(-1), grouping)
+    grouping = F.interpolate(grouping.float(), size=size, mode="bilinear", align_corners=False)
+    probs = torch.einsum("bgc,bghw->bchw", group_logits.float().softmax(-1), grouping)
     return probs.clamp_min(1e-8).log()
 
 
@@ -582,6 +582,7 @@ def add_finetune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weak-loss", choices=["tags", "none"], default=d.weak_loss, help="none = base-only fine-tuning")
     p.add_argument("--objective", choices=["ce", "mix-match"], default=d.objective)
     p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--min-steps", type=int, default=d.min_steps, help="small subsets run more epochs to get this many steps")
     p.add_argument("--mix-match-epochs", type=int, default=d.mix_match_epochs)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
