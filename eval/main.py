@@ -45,6 +45,8 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--window", type=int, default=0, help="sliding-window size (0 = whole image)")
     p.add_argument("--top-k", type=int, default=0, help="keep only each image's k most likely classes (0 = all)")
     p.add_argument("--flip", action="store_true", help="average class scores with the mirrored image")
+    p.add_argument("--groupings", type=int, default=None, metavar="N",
+                   help="use only the first N grouping stages' segments (default: all; 1 = finer segments)")
     p.add_argument("--pamr", action="store_true", help="refine boundaries onto image edges with PAMR (as TCL)")
     p.add_argument("--scales", default="1", help="comma-separated short-side factors whose class scores are averaged, e.g. 0.75,1,1.25")
     p.add_argument("--limit", type=int, default=0, help="evaluate only the first N images (0 = all)")
@@ -342,7 +344,7 @@ def _segmenter(args, threshold: float):
     weights = resolve_weights(args.weights)
     seg = Segmenter.from_pretrained(weights, device=device, templates=args.templates, short_side=args.short_side,
                                     window=args.window, top_k=args.top_k, threshold=threshold,
-                                    refine="pamr" if args.pamr else "")
+                                    refine="pamr" if args.pamr else "", groupings=args.groupings)
     return seg, str(weights)
 
 

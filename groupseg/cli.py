@@ -88,6 +88,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
     seg = Segmenter.from_pretrained(
         args.weights, device=args.device, templates=args.templates, short_side=args.short_side,
         window=args.window, top_k=args.top_k, threshold=args.threshold, refine="pamr" if args.pamr else "",
+        groupings=args.groupings,
     )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -200,6 +201,8 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--window", type=int, default=0, help="sliding-window size for long images (0 = whole image)")
     p.add_argument("--top-k", type=int, default=0, help="keep only the image's k most likely classes (0 = all)")
     p.add_argument("--pamr", action="store_true", help="refine segment boundaries onto image edges (PAMR, as TCL)")
+    p.add_argument("--groupings", type=int, default=None, metavar="N",
+                   help="use only the first N grouping stages' segments (default: all; 1 = finer segments)")
     p.add_argument("--clusters", type=int, default=0, metavar="K",
                    help="vocabulary-free: cluster the segments into K groups and name them from --vocab/--vocab-file "
                    "or the shipped noun list")

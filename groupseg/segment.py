@@ -165,6 +165,8 @@ class Segmenter:
         device: torch device.
         weights_dir: where the weights came from (for a Hugging Face tokenizer stored beside them).
         tokenizer: use this tokenizer instead of the one found from the config / ``weights_dir``.
+        groupings: grouping stages that merge segments (``None`` = all, as GroupViT; ``1`` = the
+            first stage's finer segments, the later stages' blocks still run over them).
         text_precision: precision of prompt encoding: ``auto`` (bf16 where the machine has it:
             1,000 new words encode about twice as fast, cosine to fp32 > 0.999) or ``fp32``.
         refine: ``"pamr"`` moves segment boundaries onto image edges (``groupseg.refine.pamr``,
@@ -187,7 +189,9 @@ class Segmenter:
         tokenizer=None,
         refine: str = "",
         text_precision: str = "auto",
+        groupings: int | None = None,
     ) -> None:
+        self.groupings = groupings
         from .precision import resolve_precision
 
         self.text_precision = resolve_precision(text_precision, device)
@@ -305,7 +309,7 @@ class Segmenter:
     @torch.no_grad()
     def _window(self, px: torch.Tensor, text, owner, C, top_k) -> tuple[torch.Tensor, torch.Tensor]:
         """One (3, h, w) crop -> class probabilities per segment (G, C) and segment index per pixel (h, w)."""
-        g = self.model.encode_groups(px[None].to(self.device))
+        g = self.model.encode_groups(px[None].to(self.device), self.groupings)
         probs = self._class_probs(g, text, owner, C, top_k)[0]  # (G, C)
         grouping = F.interpolate(g["grouping"].float(), size=px.shape[-2:], mode="bilinear", align_corners=False)
         return probs, grouping[0].argmax(0)  # (h, w)

@@ -115,3 +115,30 @@ def test_conv_stem_keeps_the_patch_grid_and_round_trips(tmp_path):
     assert loaded.cfg.vision.stem == "conv"
     x = torch.randn(1, 3, 48, 40)
     torch.testing.assert_close(model.encode_image(x), loaded.encode_image(x))
+
+
+def test_bf16_cpu_attention_matches_fp32_sdpa():
+    from groupseg.layers.attention import Attention
+
+    torch.manual_seed(0)
+    attn = Attention(32, 4)
+    x, ctx = torch.randn(2, 9, 32), torch.randn(2, 5, 32)
+    for kwargs in ({}, {"causal": True}, {"context": ctx}):
+        ref = attn(x, **kwargs)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = attn(x, **kwargs)  # the plain-matmul path
+        assert out.dtype == torch.bfloat16
+        torch.testing.assert_close(out.float(), ref, atol=3e-2, rtol=3e-2)
+
+
+def test_fewer_groupings_give_the_finer_segments():
+    torch.manual_seed(0)
+    model = groupseg.create_model("groupvit-tiny-test").eval()
+    x = torch.randn(2, 3, 32, 40)
+    full = model.encode_groups(x)
+    fine = model.encode_groups(x, groupings=1)
+    assert full["grouping"].shape == (2, 4, 4, 5) and len(full["assignments"]) == 2
+    assert fine["grouping"].shape == (2, 8, 4, 5) and len(fine["assignments"]) == 1  # stage 1's 8 groups
+    assert fine["group_embeds"].shape == (2, 8, model.cfg.embed_dim)
+    torch.testing.assert_close(fine["grouping"].sum(1), torch.ones(2, 4, 5))
+    torch.testing.assert_close(model.encode_groups(x, groupings=2)["group_embeds"], full["group_embeds"])

@@ -152,14 +152,15 @@ class GroupViT(nn.Module):
         x = x.reshape(*lead, -1)
         return F.normalize(x, dim=-1) if normalize else x
 
-    def encode_groups(self, pixels: torch.Tensor) -> dict[str, torch.Tensor | list | tuple]:
+    def encode_groups(self, pixels: torch.Tensor, groupings: int | None = None) -> dict[str, torch.Tensor | list | tuple]:
         """Segment embeddings and how patches map onto them.
 
         Returns a dict with ``group_embeds`` (B, G, D) L2-normalised, ``image_embeds``
         (B, D) L2-normalised, ``grouping`` (B, G, h, w) soft maps over the patch grid
         (softmax over G), ``assignments`` (per-stage soft assignments) and ``grid``.
+        ``groupings`` limits the grouping stages used (see ``VisionTower.forward``).
         """
-        out = self.visual(pixels)
+        out = self.visual(pixels, groupings)
         groups = F.normalize(self.visual_proj(out.tokens), dim=-1)  # (B, G, D)
         image = F.normalize(self.visual_proj(out.pooled), dim=-1)
         if out.assignments:

@@ -70,10 +70,16 @@ class GroupingStage(nn.Module):
         return x
 
     def forward(
-        self, x: torch.Tensor, prev_groups: torch.Tensor | None
+        self, x: torch.Tensor, prev_groups: torch.Tensor | None, group: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """x: (B, N, C). Returns (tokens out, this stage's group tokens, soft assignment (B, G, N) or None)."""
+        """x: (B, N, C). Returns (tokens out, this stage's group tokens, soft assignment (B, G, N) or None).
+
+        ``group=False`` runs only the blocks over the image tokens: the tokens pass through unmerged.
+        """
         n = x.shape[1]
+        if not group:
+            return (checkpoint(self._run_blocks, x, use_reentrant=False) if self.grad_checkpointing and torch.is_grad_enabled()
+                    else self._run_blocks(x)), None, None
         if self.group_token is not None:
             groups = self.group_token.expand(x.shape[0], -1, -1)
             if self.group_projector is not None and prev_groups is not None:
@@ -123,12 +129,19 @@ class VisionTower(nn.Module):
     def width(self) -> int:
         return self.cfg.width
 
-    def forward(self, pixels: torch.Tensor) -> VisionOutput:
+    def forward(self, pixels: torch.Tensor, groupings: int | None = None) -> VisionOutput:
+        """Encode images; ``groupings`` = how many grouping stages merge tokens (None = all).
+
+        With fewer groupings the later stages' blocks run over the finer segments of the last
+        grouping used (their group tokens are left out), e.g. ``groupings=1`` segments an image
+        into the first stage's 64 groups instead of the final 8.
+        """
         x, grid = self.patch_embed(pixels)  # (B, h*w, C)
         x = x + resize_pos_embed(self.pos_embed, grid)
         groups, assignments = None, []
         for stage in self.stages:
-            x, groups, assignment = stage(x, groups)
+            merge = groupings is None or len(assignments) < groupings
+            x, groups, assignment = stage(x, groups, group=merge)
             if assignment is not None:
                 assignments.append(assignment)
         x = self.norm(x)
