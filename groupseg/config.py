@@ -98,6 +98,9 @@ class ModelConfig:
     # stored vector ``tuned_class_embeds[i]`` for a class whose label is ``tuned_classes[i]``
     # and the text tower for every other word
     tuned_classes: list[str] = field(default_factory=list)
+    # grouping stages that segment at inference (None = all); fine-tuning on the first stage's
+    # segments records 1 here so the Segmenter segments the way the classifier was trained
+    groupings: Optional[int] = None
 
     def __post_init__(self) -> None:
         self.tuned_classes = list(self.tuned_classes)

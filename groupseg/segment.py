@@ -165,8 +165,9 @@ class Segmenter:
         device: torch device.
         weights_dir: where the weights came from (for a Hugging Face tokenizer stored beside them).
         tokenizer: use this tokenizer instead of the one found from the config / ``weights_dir``.
-        groupings: grouping stages that merge segments (``None`` = all, as GroupViT; ``1`` = the
-            first stage's finer segments, the later stages' blocks still run over them).
+        groupings: grouping stages that merge segments (``None`` = the model config's
+            ``groupings``, by default all, as GroupViT; ``1`` = the first stage's finer segments,
+            the later stages' blocks still run over them).
         text_precision: precision of prompt encoding: ``auto`` (bf16 where the machine has it:
             1,000 new words encode about twice as fast, cosine to fp32 > 0.999) or ``fp32``.
         refine: ``"pamr"`` moves segment boundaries onto image edges (``groupseg.refine.pamr``,
@@ -191,7 +192,7 @@ class Segmenter:
         text_precision: str = "auto",
         groupings: int | None = None,
     ) -> None:
-        self.groupings = groupings
+        self.groupings = groupings if groupings is not None else model.cfg.groupings
         from .precision import resolve_precision
 
         self.text_precision = resolve_precision(text_precision, device)

@@ -69,6 +69,7 @@ class FinetuneConfig:
     weak_classes: str = ""  # comma-separated class labels with image-level tags only
     weak_loss: Literal["tags", "none"] = "tags"  # none = base-only fine-tuning
     objective: Literal["ce", "mix-match"] = "ce"
+    groupings: int = 1  # segment with the first N grouping stages (1: the first stage's 64 groups; 0 = all)
     epochs: int = 30
     min_steps: int = 300  # small subsets run more epochs, so that every budget gets at least this many steps
     mix_match_epochs: int = 0  # triplet-only epochs first (0 = a third of the epochs) for mix-match
@@ -213,10 +214,11 @@ class SegmentationHead(nn.Module):
         class_embeds: (C, D) initial classifier (L2-normalised class text embeddings).
     """
 
-    def __init__(self, model: groupseg.GroupViT, class_embeds: torch.Tensor) -> None:
+    def __init__(self, model: groupseg.GroupViT, class_embeds: torch.Tensor, groupings: int | None = None) -> None:
         super().__init__()
         self.model = model
         self.classifier = nn.Parameter(class_embeds.detach().clone().float())
+        self.groupings = groupings
         self.sim_head = nn.Sequential(nn.Linear(model.visual.width, 128), nn.GELU(), nn.Linear(128, 64))
         self._patch_tokens: torch.Tensor | None = None
         first = model.visual.stages[0]
@@ -226,7 +228,7 @@ class SegmentationHead(nn.Module):
         self._patch_tokens = output
 
     def forward(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
-        g = self.model.encode_groups(pixels)
+        g = self.model.encode_groups(pixels, self.groupings)
         h, w = g["grid"]
         scale = self.model.logit_scale.exp().clamp(max=100)
         cls = F.normalize(self.classifier, dim=-1)
@@ -341,7 +343,7 @@ class Finetuner:
             p.requires_grad_(False)
         for p in model.text_proj.parameters():
             p.requires_grad_(False)
-        self.head = SegmentationHead(model, init)
+        self.head = SegmentationHead(model, init, cfg.groupings or None)
         self.step = 0
         self.epoch = 0
         mcfg = model.cfg
@@ -463,7 +465,8 @@ class Finetuner:
         """Ordinary groupseg weights in ``out``: the model plus the tuned class vectors."""
         head = self.acc.unwrap_model(self.head)
         model = head.model
-        saved = (list(model.cfg.tuned_classes), model.tuned_class_embeds)
+        saved = (list(model.cfg.tuned_classes), model.tuned_class_embeds, model.cfg.groupings)
+        model.cfg.groupings = self.cfg.groupings or None  # the exported model segments as it was tuned
         tmp = self.out / "model.tmp"
         if tmp.exists():
             shutil.rmtree(tmp)
@@ -472,6 +475,7 @@ class Finetuner:
             model.save_pretrained(tmp, dtype=torch.float16 if self._fp16_source() else None)
         finally:
             model.cfg.tuned_classes = saved[0]
+            model.cfg.groupings = saved[2]
             if saved[1] is None:
                 del model.tuned_class_embeds
                 model.register_parameter("tuned_class_embeds", None)
@@ -558,7 +562,9 @@ class Finetuner:
                     metrics.flush()
                     bar.set_postfix(loss=f"{rec['loss']:.3f}")
             self.epoch += 1
-            self.save()
+            # checkpoint every epoch, or every few epochs when epochs are only a step or two long
+            if self.epoch % max(1, math.ceil(20 / steps_per_epoch)) == 0 or self.epoch == self.epochs:
+                self.save()
         bar.close()
         metrics.close()
         if acc.is_main_process:
@@ -581,6 +587,8 @@ def add_finetune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weak-classes", default="", help="comma-separated classes with image-level tags only")
     p.add_argument("--weak-loss", choices=["tags", "none"], default=d.weak_loss, help="none = base-only fine-tuning")
     p.add_argument("--objective", choices=["ce", "mix-match"], default=d.objective)
+    p.add_argument("--groupings", type=int, default=d.groupings,
+                   help="train on the first N grouping stages' segments (default 1: the first stage's; 0 = all)")
     p.add_argument("--epochs", type=int, default=d.epochs)
     p.add_argument("--min-steps", type=int, default=d.min_steps, help="small subsets run more epochs to get this many steps")
     p.add_argument("--mix-match-epochs", type=int, default=d.mix_match_epochs)
