@@ -48,8 +48,11 @@ def clip_loss(img, txt, scale):
     return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
 
 
-def step_fn(kind, model, opt, px, ids, bf16):
+def step_fn(kind, model, opt, px, ids, bf16, matmul_attention=True):
+    from groupseg.layers import attention
+
     def run():
+        attention.CPU_BF16_MATMUL_ATTENTION = matmul_attention
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             if kind == "transformers":
                 out = model(input_ids=ids, pixel_values=px)
@@ -91,9 +94,12 @@ def main() -> None:
         dtype = torch.bfloat16 if bf16 else torch.float32
         peak = matmul_peak(dtype)
         fns = {}
-        for kind, model in (("transformers", hf), ("groupseg", ours)):
+        impls = [("transformers", hf, True), ("groupseg", ours, True)]
+        if bf16:  # before/after of the plain-matmul bf16 attention, in the same run
+            impls.append(("groupseg-sdpa", ours, False))
+        for kind, model, mm in impls:
             opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
-            fns[kind] = step_fn(kind, model, opt, px, ids, bf16)
+            fns[kind] = step_fn(kind.split("-")[0], model, opt, px, ids, bf16, mm)
         n_flops = {k: flops(f) for k, f in fns.items()}  # each counts its own work (transformers pads text to 77)
         times = {k: [] for k in fns}
         for _ in range(args.warmup):
@@ -111,6 +117,9 @@ def main() -> None:
             print(f"  {k:12s} {1000 * t:8.0f} ms/step  {args.batch / t:6.1f} samples/s  {n_flops[k] / 1e9:5.0f} GFLOP/step  "
                   f"{n_flops[k] / t / peak:5.1%} of peak")
         print(f"  ratio groupseg/transformers speed: {med['transformers'] / med['groupseg']:.2f}x")
+        if "groupseg-sdpa" in med:
+            print(f"  ratio groupseg-sdpa/transformers speed: {med['transformers'] / med['groupseg-sdpa']:.2f}x; "
+                  f"matmul attention vs SDPA: {med['groupseg-sdpa'] / med['groupseg']:.2f}x")
     print("\npeak memory: not measured by this script yet; CUDA rows: not measured (no GPU in this run)")
 
 

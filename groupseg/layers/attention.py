@@ -6,6 +6,9 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+# bf16 attention on CPU through plain matmuls (see ``_math_attention``); benchmarks flip it to compare
+CPU_BF16_MATMUL_ATTENTION = True
+
 
 class Attention(nn.Module):
     """Multi-head attention through ``F.scaled_dot_product_attention``.
@@ -40,5 +43,19 @@ class Attention(nn.Module):
             kv = F.linear(context, w[dim:], None if b is None else b[dim:])
             q = rearrange(q, "b n (h d) -> b h n d", h=h)
             k, v = rearrange(kv, "b s (two h d) -> two b h s d", two=2, h=h)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # (B, h, N, d)
+        if CPU_BF16_MATMUL_ATTENTION and q.device.type == "cpu" and q.dtype == torch.bfloat16:
+            out = _math_attention(q, k, v, causal)  # faster than the fused CPU kernel in bf16 at these sizes
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # (B, h, N, d)
         return self.proj(rearrange(out, "b h n d -> b n (h d)"))
+
+
+def _math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v with plain matmuls: on CPUs with native bf16 these run on the
+    fast bf16 GEMM path, while ``scaled_dot_product_attention``'s fused CPU kernel does not."""
+    attn = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # (B, h, N, S)
+    if causal:
+        n, s = attn.shape[-2:]
+        mask = torch.ones(n, s, dtype=torch.bool, device=q.device).triu(s - n + 1)
+        attn = attn.masked_fill(mask, float("-inf"))
+    return attn.softmax(-1) @ v
