@@ -330,9 +330,10 @@ class Finetuner:
         set_seed(cfg.seed)
         from groupseg.pretrained import resolve_weights
 
-        src = Path(str(resolve_weights(cfg.weights or None)))
-        self.weights_dir = src if src.is_dir() else src.parent
-        seg = groupseg.Segmenter.from_pretrained(cfg.weights or None, templates=cfg.templates)
+        src = resolve_weights(cfg.weights or None)
+        self.weights_dir = Path(str(src)) if Path(str(src)).is_dir() else Path(str(src)).parent
+        self.export_dtype = self._stored_dtype(self.weights_dir)
+        seg = groupseg.Segmenter.from_pretrained(src, templates=cfg.templates)
         model = seg.model
         with torch.no_grad():
             _, emb, owner = seg.class_embeddings(self.ds.vocab)
@@ -467,12 +468,9 @@ class Finetuner:
         model = head.model
         saved = (list(model.cfg.tuned_classes), model.tuned_class_embeds, model.cfg.groupings)
         model.cfg.groupings = self.cfg.groupings or None  # the exported model segments as it was tuned
-        tmp = self.out / "model.tmp"
-        if tmp.exists():
-            shutil.rmtree(tmp)
         try:  # the live model stays as it was: checkpoints keep one state layout
             model.set_tuned_classes(self.labels, F.normalize(head.classifier.detach().float(), dim=-1))
-            model.save_pretrained(tmp, dtype=torch.float16 if self._fp16_source() else None)
+            return self._write_weights(model)
         finally:
             model.cfg.tuned_classes = saved[0]
             model.cfg.groupings = saved[2]
@@ -481,6 +479,13 @@ class Finetuner:
                 model.register_parameter("tuned_class_embeds", None)
             else:
                 model.tuned_class_embeds = saved[1]
+
+    def _write_weights(self, model: groupseg.GroupViT) -> Path:
+        """``model`` (in the starting weights' precision) and their tokenizer files into ``out``, via a temp dir."""
+        tmp = self.out / "model.tmp"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        model.save_pretrained(tmp, dtype=self.export_dtype)
         if (self.weights_dir / "tokenizer").is_dir():
             shutil.copytree(self.weights_dir / "tokenizer", tmp / "tokenizer")
         for f in tmp.iterdir():
@@ -491,14 +496,16 @@ class Finetuner:
         tmp.rmdir()
         return self.out
 
-    def _fp16_source(self) -> bool:
+    @staticmethod
+    def _stored_dtype(weights_dir: Path) -> torch.dtype | None:
+        """fp16 when the starting weights are stored in 16 bits (the export keeps their size), else fp32."""
         from safetensors import safe_open
 
-        st = self.weights_dir / "model.safetensors"
+        st = weights_dir / "model.safetensors"
         if not st.exists():
-            return False
+            return None
         with safe_open(str(st), "pt") as f:
-            return f.get_slice(next(iter(f.keys()))).get_dtype() in ("F16", "BF16")
+            return torch.float16 if f.get_slice(next(iter(f.keys()))).get_dtype() in ("F16", "BF16") else None
 
     # ------------------------------------------------------------------ loop
     def fit(self) -> Path:
@@ -515,11 +522,7 @@ class Finetuner:
         if not self.subset or cfg.epochs == 0:
             # nothing to learn from: the zero-shot model itself (prompt ensembles, max over synonyms)
             log.info("no labelled images: writing the starting (zero-shot) model unchanged")
-            model = self.acc.unwrap_model(self.head).model
-            model.save_pretrained(self.out, dtype=torch.float16 if self._fp16_source() else None)
-            if (self.weights_dir / "tokenizer").is_dir() and not (self.out / "tokenizer").exists():
-                shutil.copytree(self.weights_dir / "tokenizer", self.out / "tokenizer")
-            return self.out
+            return self._write_weights(self.acc.unwrap_model(self.head).model)
         opt = self._optimizer()
         steps_per_epoch = max(1, len(self._loader(0)))
         self.epochs = max(cfg.epochs, math.ceil(cfg.min_steps / steps_per_epoch))
