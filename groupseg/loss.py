@@ -7,11 +7,26 @@
   ("a photo of a {noun}."): image -> prompts uses a soft target spread uniformly
   over the image's own K prompts, prompt -> images a one-hot target on its image.
 
+Two optional terms act on the segments rather than the pooled image (off by default;
+the shipped model's config switches them on, because on a few thousand photos the last
+grouping stage otherwise collapses into one segment per image):
+
+* group_label: the same multi-label targets, but an image's score for a prompt is its
+  best-matching segment's (multiple-instance learning over segments), so each noun
+  of the caption pulls on one segment and different nouns on different segments;
+* group_usage: KL divergence of each image's segment-size distribution (mean soft
+  assignment of its patches over a stage's groups) from uniform, averaged over the
+  grouping stages: 0 when all groups are used equally, log(G) when every patch lands
+  in one group.
+
 Every rank computes the loss of its own rows against the columns of all ranks,
 gathered with gradients (``torch.distributed.nn.all_gather``); the mean of the
 per-rank losses equals the one-process loss on the whole batch.
 """
 from __future__ import annotations
+
+import math
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -24,12 +39,24 @@ def gather_features(x: torch.Tensor, rank: int, world_size: int) -> torch.Tensor
         return x
     import torch.distributed.nn as dist_nn
 
-    return torch.cat(dist_nn.all_gather(x.contiguous()), dim=0)
+    out = torch.cat(dist_nn.all_gather(x.contiguous()), dim=0)
+    if out.requires_grad:
+        # the gather's backward sends each rank's slice of this gradient as is; gloo reads a
+        # non-contiguous slice (e.g. of an einsum's transposed gradient) as if it were packed
+        out.register_hook(lambda g: g.contiguous())
+    return out
 
 
 def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Mean over rows of ``-sum(target * log_softmax(logits))``."""
     return torch.sum(-target * F.log_softmax(logits, dim=-1), dim=-1).mean()
+
+
+def group_usage_kl(grouping: torch.Tensor) -> torch.Tensor:
+    """Mean over images of KL(segment sizes || uniform) for soft maps (B, G, ...) summing to 1 over G."""
+    sizes = grouping.float().flatten(2).mean(-1)  # (B, G), rows sum to 1
+    g = sizes.shape[1]
+    return (sizes * sizes.clamp_min(1e-8).log()).sum(-1).mean() + math.log(g)
 
 
 class MultiLabelContrastiveLoss(nn.Module):
@@ -41,9 +68,18 @@ class MultiLabelContrastiveLoss(nn.Module):
         world_size: number of processes.
     """
 
-    def __init__(self, multi_label_weight: float = 1.0, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(
+        self,
+        multi_label_weight: float = 1.0,
+        rank: int = 0,
+        world_size: int = 1,
+        group_label_weight: float = 0.0,
+        group_usage_weight: float = 0.0,
+    ) -> None:
         super().__init__()
         self.multi_label_weight = multi_label_weight
+        self.group_label_weight = group_label_weight
+        self.group_usage_weight = group_usage_weight
         self.rank = rank
         self.world_size = world_size
 
@@ -53,15 +89,21 @@ class MultiLabelContrastiveLoss(nn.Module):
         text_embeds: torch.Tensor,
         logit_scale: torch.Tensor,
         multi_label_logit_scale: torch.Tensor | None = None,
+        group_embeds: torch.Tensor | None = None,
+        grouping: torch.Tensor | Sequence[torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor]:
         """Args:
             image_embeds: (B, D) L2-normalised.
             text_embeds: (B, D) captions, or (B, 1 + K, D) caption then K prompts, L2-normalised.
             logit_scale: exp'd temperature of the caption term.
             multi_label_logit_scale: exp'd temperature of the prompt term (default: ``logit_scale``).
+            group_embeds: (B, G, D) L2-normalised segment embeddings (for group_label).
+            grouping: (B, G, h, w) soft maps of patches over segments, softmax over G, or one
+                such map per grouping stage (for group_usage).
 
         Returns:
-            ``loss`` (the total), ``clip_loss`` and ``multi_label_loss``.
+            ``loss`` (the total), ``clip_loss``, ``multi_label_loss`` and, when their weights
+            are set, ``group_label_loss`` and ``group_usage_loss``.
         """
         img = image_embeds.float()
         txt = text_embeds.float()
@@ -92,5 +134,19 @@ class MultiLabelContrastiveLoss(nn.Module):
             ml = 0.5 * (soft_cross_entropy(scale * img @ all_flat.T, t_img) + soft_cross_entropy(scale * flat @ all_img.T, t_txt))
             out["multi_label_loss"] = ml
             total = total + self.multi_label_weight * ml
+            if self.group_label_weight and group_embeds is not None:
+                grp = group_embeds.float()
+                all_grp = gather_features(grp, r, w)  # (W*B, G, D)
+                # a pair's score is its best segment's: (B, W*B*K) and (B*K, W*B)
+                img_to_prompt = torch.einsum("bgd,pd->bpg", grp, all_flat).amax(-1)
+                prompt_to_img = torch.einsum("pd,bgd->pbg", flat, all_grp).amax(-1)
+                gl = 0.5 * (soft_cross_entropy(scale * img_to_prompt, t_img) + soft_cross_entropy(scale * prompt_to_img, t_txt))
+                out["group_label_loss"] = gl
+                total = total + self.group_label_weight * gl
+        if self.group_usage_weight and grouping is not None:
+            maps = [grouping] if torch.is_tensor(grouping) else list(grouping)
+            usage = sum(group_usage_kl(m) for m in maps) / len(maps)
+            out["group_usage_loss"] = usage
+            total = total + self.group_usage_weight * usage
         out["loss"] = total
         return out

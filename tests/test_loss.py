@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from eval.retrieval import recall_at_k
-from groupseg.loss import MultiLabelContrastiveLoss
+from groupseg.loss import MultiLabelContrastiveLoss, group_usage_kl
 
 
 def _emb(*shape, seed=0):
@@ -51,13 +51,47 @@ def test_perfect_alignment_gives_low_loss():
     assert abs(out["multi_label_loss"].item() - 0.5 * math.log(2)) < 1e-3
 
 
+def test_group_label_loss_scores_each_pair_by_its_best_segment():
+    img = _emb(2, 4)
+    txt = _emb(2, 3, 4, seed=1)
+    grp = _emb(2, 3, 4, seed=3)  # 3 segments per image
+    sm = torch.tensor(5.0)
+    out = MultiLabelContrastiveLoss(group_label_weight=0.5)(img, txt, torch.tensor(10.0), sm, group_embeds=grp)
+    prompts = txt[:, 1:].reshape(4, 4)
+    best = torch.tensor([[max(float(grp[b, g] @ prompts[p]) for g in range(3)) for p in range(4)] for b in range(2)])
+    i2p = sum(-(0.5 * torch.log_softmax(sm * best[b], 0)[[2 * b, 2 * b + 1]]).sum() for b in range(2)) / 2
+    p2i = sum(-torch.log_softmax(sm * best[:, p], 0)[p // 2] for p in range(4)) / 4
+    assert torch.allclose(out["group_label_loss"], 0.5 * (i2p + p2i), atol=1e-5)
+    assert torch.allclose(out["loss"], out["clip_loss"] + out["multi_label_loss"] + 0.5 * out["group_label_loss"], atol=1e-5)
+    # one segment per image that is the image itself: the group term is the multi-label term
+    same = MultiLabelContrastiveLoss(group_label_weight=1.0)(img, txt, torch.tensor(10.0), sm, group_embeds=img[:, None])
+    assert torch.allclose(same["group_label_loss"], same["multi_label_loss"], atol=1e-6)
+
+
+def test_group_usage_is_zero_when_even_and_log_g_when_collapsed():
+    even = torch.full((2, 4, 3, 3), 0.25)
+    assert abs(group_usage_kl(even).item()) < 1e-6
+    collapsed = torch.zeros(2, 4, 3, 3)
+    collapsed[:, 1] = 1.0
+    assert abs(group_usage_kl(collapsed).item() - math.log(4)) < 1e-5
+    half = torch.zeros(1, 4, 2, 1)
+    half[0, 0, 0], half[0, 3, 1] = 1.0, 1.0  # two groups of one patch each
+    assert abs(group_usage_kl(half).item() - math.log(2)) < 1e-5
+    # the loss averages stages and is only computed when weighted
+    img, txt = _emb(2, 4), _emb(2, 3, 4, seed=1)
+    out = MultiLabelContrastiveLoss(group_usage_weight=2.0)(img, txt, torch.tensor(10.0), grouping=[even, collapsed])
+    assert abs(out["group_usage_loss"].item() - math.log(4) / 2) < 1e-5
+    assert torch.allclose(out["loss"], out["clip_loss"] + out["multi_label_loss"] + 2.0 * out["group_usage_loss"])
+    assert "group_usage_loss" not in MultiLabelContrastiveLoss()(img, txt, torch.tensor(10.0), grouping=[collapsed])
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def _worker(rank, world, port, img, txt, q):
+def _worker(rank, world, port, img, txt, grp, q):
     import torch.distributed as dist
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -65,20 +99,23 @@ def _worker(rank, world, port, img, txt, q):
     n = img.shape[0] // world
     i = img[rank * n : (rank + 1) * n].clone().requires_grad_(True)
     t = txt[rank * n : (rank + 1) * n].clone().requires_grad_(True)
-    out = MultiLabelContrastiveLoss(1.0, rank, world)(i, t, torch.tensor(7.0), torch.tensor(3.0))
+    g = grp[rank * n : (rank + 1) * n].clone().requires_grad_(True)
+    out = MultiLabelContrastiveLoss(1.0, rank, world, group_label_weight=0.5)(
+        i, t, torch.tensor(7.0), torch.tensor(3.0), group_embeds=g
+    )
     out["loss"].backward()
-    q.put((rank, out["loss"].item(), i.grad.numpy(), t.grad.numpy()))  # arrays by value, not shared fds
+    q.put((rank, out["loss"].item(), i.grad.numpy(), t.grad.numpy(), g.grad.numpy()))  # arrays by value, not shared fds
     dist.destroy_process_group()
 
 
 def test_two_process_gloo_equals_one_process():
     mp = torch.multiprocessing.get_context("spawn")
-    img, txt = _emb(6, 8), _emb(6, 4, 8, seed=2)
-    i1, t1 = img.clone().requires_grad_(True), txt.clone().requires_grad_(True)
-    ref = MultiLabelContrastiveLoss()(i1, t1, torch.tensor(7.0), torch.tensor(3.0))
+    img, txt, grp = _emb(6, 8), _emb(6, 4, 8, seed=2), _emb(6, 3, 8, seed=4)
+    i1, t1, g1 = img.clone().requires_grad_(True), txt.clone().requires_grad_(True), grp.clone().requires_grad_(True)
+    ref = MultiLabelContrastiveLoss(group_label_weight=0.5)(i1, t1, torch.tensor(7.0), torch.tensor(3.0), group_embeds=g1)
     ref["loss"].backward()
     q, port = mp.Queue(), _free_port()
-    procs = [mp.Process(target=_worker, args=(r, 2, port, img, txt, q)) for r in range(2)]
+    procs = [mp.Process(target=_worker, args=(r, 2, port, img, txt, grp, q)) for r in range(2)]
     for p in procs:
         p.start()
     res = sorted((q.get(timeout=120) for _ in procs), key=lambda r: r[0])
@@ -90,7 +127,9 @@ def test_two_process_gloo_equals_one_process():
     # each rank's gradient w.r.t. its own rows, summed over ranks by the gather's backward, / world
     gi = torch.cat([torch.from_numpy(r[2]) for r in res]) / 2
     gt = torch.cat([torch.from_numpy(r[3]) for r in res]) / 2
+    gg = torch.cat([torch.from_numpy(r[4]) for r in res]) / 2
     assert torch.allclose(gi, i1.grad, atol=1e-5) and torch.allclose(gt, t1.grad, atol=1e-5)
+    assert torch.allclose(gg, g1.grad, atol=1e-5)
 
 
 def test_recall_at_k_by_hand():

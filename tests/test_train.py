@@ -130,3 +130,22 @@ def test_cli_train_errors_are_one_line(tmp_path):
     r = subprocess.run([sys.executable, "-m", "groupseg.cli", "train", "--batchsize", "3"],
                        capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert r.returncode == 2 and "unknown config key 'batchsize'" in r.stderr
+
+
+def test_segment_loss_terms_are_wired_into_training(shards, tmp_path):
+    out = tmp_path / "run"
+    cfg = load_config(None, _cfg(shards, out, max_steps=3, group_label_weight=0.5, group_usage_weight=0.25))
+    model = Trainer(cfg).fit()
+    recs = [yaml.safe_load(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    for r in recs:
+        total = r["clip_loss"] + r["multi_label_loss"] + 0.5 * r["group_label_loss"] + 0.25 * r["group_usage_loss"]
+        assert abs(r["loss"] - total) < 1e-4
+    # the maps the usage term reads: one per grouping stage, each a distribution over its groups
+    px = torch.randn(2, 3, model.cfg.vision.image_size, model.cfg.vision.image_size)
+    o = model.eval()(px, torch.zeros(2, 5, dtype=torch.long), return_groups=True)
+    stages = [s for s in model.cfg.vision.stages if s.num_output_groups]
+    assert len(o["groupings"]) == len(stages)
+    for m, st in zip(o["groupings"], stages):
+        assert m.shape[:2] == (2, st.num_output_groups)
+        assert torch.allclose(m.sum(1), torch.ones(()), atol=1e-5)
+    assert o["group_embeds"].shape == (2, stages[-1].num_output_groups, model.cfg.embed_dim)

@@ -183,7 +183,10 @@ class Trainer:
             from .text_encoders import copy_tokenizer
 
             self._export_extra = lambda d: copy_tokenizer(cfg.text_encoder, d)
-        self.loss_fn = MultiLabelContrastiveLoss(cfg.multi_label_weight, acc.process_index, acc.num_processes)
+        self.loss_fn = MultiLabelContrastiveLoss(
+            cfg.multi_label_weight, acc.process_index, acc.num_processes, cfg.group_label_weight, cfg.group_usage_weight
+        )
+        self.return_groups = bool(cfg.group_label_weight or cfg.group_usage_weight)
         self.step = 0
         self.epoch = 0
         self.batch_in_epoch = 0
@@ -297,8 +300,15 @@ class Trainer:
             text = batch["text"].to(acc.device, non_blocking=True)
         with acc.accumulate(self.model):
             with acc.autocast():
-                out = self.model(px, text, text_features=feats)
-            losses = self.loss_fn(out["image_embeds"], out["text_embeds"], out["logit_scale"], out.get("multi_label_logit_scale"))
+                out = self.model(px, text, text_features=feats, return_groups=self.return_groups)
+            losses = self.loss_fn(
+                out["image_embeds"],
+                out["text_embeds"],
+                out["logit_scale"],
+                out.get("multi_label_logit_scale"),
+                out.get("group_embeds"),
+                out.get("groupings"),
+            )
             acc.backward(losses["loss"])
             if acc.sync_gradients and cfg.clip_grad > 0:
                 acc.clip_grad_norm_(self.model.parameters(), cfg.clip_grad)

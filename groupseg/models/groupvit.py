@@ -219,6 +219,7 @@ class GroupViT(nn.Module):
         text: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         text_features: torch.Tensor | None = None,
+        return_groups: bool = False,
     ) -> dict[str, torch.Tensor]:
         """Embed a batch of images and texts.
 
@@ -228,18 +229,25 @@ class GroupViT(nn.Module):
             attention_mask: optional mask matching ``text``.
             text_features: instead of ``text``, text-tower outputs (B, [T,] width), e.g. cached
                 features of a locked text tower; only the projection runs.
+            return_groups: also return ``group_embeds`` (B, G, D) L2-normalised and
+                ``groupings``, per grouping stage the (B, G_s, h, w) soft patch-to-segment
+                maps (for the segment losses of ``groupseg.loss``).
 
         Returns:
             ``image_embeds`` (B, D), ``text_embeds`` (B, D) or (B, T, D), both L2-normalised,
             ``logit_scale`` and ``multi_label_logit_scale`` (exp'd, clamped at 100).
         """
+        vis = self.visual(pixels)
         out = {
-            "image_embeds": self.encode_image(pixels),
+            "image_embeds": F.normalize(self.visual_proj(vis.pooled), dim=-1),
             "text_embeds": (
                 self.encode_text(text, attention_mask) if text_features is None else self.project_text_features(text_features)
             ),
             "logit_scale": self.logit_scale.exp().clamp(max=100),
         }
+        if return_groups:
+            out["group_embeds"] = F.normalize(self.visual_proj(vis.tokens), dim=-1)
+            out["groupings"] = [soft_grouping(vis.assignments[: s + 1], vis.grid) for s in range(len(vis.assignments))]
         if self.multi_label_logit_scale is not None:
             out["multi_label_logit_scale"] = self.multi_label_logit_scale.exp().clamp(max=100)
         return out
