@@ -6,12 +6,17 @@
 Forward + contrastive loss + backward + AdamW step, alternating the two implementations after a
 warm-up, in fp32 and under bf16 autocast. Prints ms/step, samples/s, the ratio, model FLOPs per
 step (torch.utils.flop_counter) and the achieved fraction of a matmul peak measured in the same
-run. Peak memory is not measured by this script yet (it says so).
+run. Peak memory: each implementation and precision in a fresh subprocess (`--memory-only` runs just
+that part): the process's peak resident set (Linux VmHWM, reset through /proc/self/clear_refs once
+the models are built) over a warm-up step and two timed steps, minus its resident set before them.
 """
 from __future__ import annotations
 
 import argparse
+import gc
 import platform
+import subprocess
+import sys
 import statistics
 import tempfile
 import time
@@ -76,13 +81,63 @@ def flops(fn) -> int:
     return fc.get_total_flops()
 
 
+def _status_kib(field: str) -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def memory_child(kind: str, bf16: bool, batch: int, threads: int) -> None:
+    """Print the peak resident set added by three train steps of one implementation (MiB)."""
+    torch.set_num_threads(threads)
+    from groupseg.tokenizer import tokenize
+
+    hf, ours = build_pair(None)
+    model = hf if kind == "transformers" else ours
+    del hf, ours
+    gc.collect()
+    px = torch.randn(batch, 3, 224, 224)
+    ids = tokenize([f"a photo of a thing number {i}" for i in range(batch)])
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    fn = step_fn(kind, model, opt, px, ids, bf16)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak-RSS counter
+    before = _status_kib("VmRSS")
+    for _ in range(3):
+        fn()
+    print(f"{(_status_kib('VmHWM') - before) / 1024:.0f} {_status_kib('VmHWM') / 1024:.0f}")
+
+
+def peak_memory(batch: int, threads: int) -> None:
+    print(f"\npeak memory of a train step (batch {batch}; fresh process each; MiB above the resident set before the steps, "
+          "and the process's peak resident set over those steps):")
+    for bf16 in (False, True):
+        res = {}
+        for kind in ("transformers", "groupseg"):
+            cmd = [sys.executable, __file__, "--memory-child", kind, "--batch", str(batch), "--threads", str(threads)]
+            out = subprocess.run(cmd + (["--bf16"] if bf16 else []), capture_output=True, text=True, check=True).stdout
+            res[kind] = [float(v) for v in out.split()[-2:]]
+        label = "bf16 autocast" if bf16 else "fp32"
+        for kind, (added, total) in res.items():
+            print(f"  [{label}] {kind:12s} +{added:6.0f} MiB  (peak resident {total:6.0f} MiB)")
+        print(f"  [{label}] groupseg/transformers added memory: {res['groupseg'][0] / res['transformers'][0]:.2f}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--steps", type=int, default=6, help="timed steps per implementation and precision")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--memory-only", action="store_true", help="only the peak-memory part")
+    p.add_argument("--memory-child", choices=["transformers", "groupseg"], help=argparse.SUPPRESS)
+    p.add_argument("--bf16", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.memory_child:
+        return memory_child(args.memory_child, args.bf16, args.batch, args.threads)
+    if args.memory_only:
+        return peak_memory(args.batch, args.threads)
     torch.set_num_threads(args.threads)
     from groupseg.tokenizer import tokenize
 
@@ -120,7 +175,8 @@ def main() -> None:
         if "groupseg-sdpa" in med:
             print(f"  ratio groupseg-sdpa/transformers speed: {med['transformers'] / med['groupseg-sdpa']:.2f}x; "
                   f"matmul attention vs SDPA: {med['groupseg-sdpa'] / med['groupseg']:.2f}x")
-    print("\npeak memory: not measured by this script yet; CUDA rows: not measured (no GPU in this run)")
+    peak_memory(args.batch, args.threads)
+    print("\nCUDA rows: not measured (no GPU in this run)")
 
 
 if __name__ == "__main__":
