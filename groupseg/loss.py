@@ -14,14 +14,12 @@ grouping stage otherwise collapses into one segment per image):
 * group_label: the same multi-label targets, but an image's score for a prompt is its
   best-matching segment's (multiple-instance learning over segments), so each noun
   of the caption pulls on one segment and different nouns on different segments;
-* group_usage: KL divergence of each image's segment-size distribution (mean soft
-  assignment of its patches over a stage's groups) from uniform, averaged over the
-  grouping stages: 0 when all groups are used equally, log(G) when every patch lands
-  in one group.
-
-Every rank computes the loss of its own rows against the columns of all ranks,
-gathered with gradients (``torch.distributed.nn.all_gather``); the mean of the
-per-rank losses equals the one-process loss on the whole batch.
+* group_usage: information maximisation between patches and a stage's groups, scaled
+  to [0, 1] by log(G) and averaged over the grouping stages: 1 - (H(mean_n p_n) -
+  mean_n H(p_n)) / log(G), where p_n is patch n's soft assignment. 0 when every patch
+  sits confidently in one group and all groups are used equally; 1 when assignments
+  are flat (then the hard, Gumbel-noised assignment of training is a coin toss) or
+  every patch lands in one group.
 """
 from __future__ import annotations
 
@@ -52,11 +50,14 @@ def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tens
     return torch.sum(-target * F.log_softmax(logits, dim=-1), dim=-1).mean()
 
 
-def group_usage_kl(grouping: torch.Tensor) -> torch.Tensor:
-    """Mean over images of KL(segment sizes || uniform) for soft maps (B, G, ...) summing to 1 over G."""
-    sizes = grouping.float().flatten(2).mean(-1)  # (B, G), rows sum to 1
-    g = sizes.shape[1]
-    return (sizes * sizes.clamp_min(1e-8).log()).sum(-1).mean() + math.log(g)
+def group_usage_loss(grouping: torch.Tensor) -> torch.Tensor:
+    """``1 - I(patch; group) / log G`` for soft maps (B, G, ...) summing to 1 over G, mean over images."""
+    p = grouping.float().flatten(2)  # (B, G, N)
+    g = p.shape[1]
+    sizes = p.mean(-1)  # (B, G)
+    h_sizes = -(sizes * sizes.clamp_min(1e-8).log()).sum(-1)  # H(mean p): even use of groups
+    h_patch = -(p * p.clamp_min(1e-8).log()).sum(1).mean(-1)  # mean H(p_n): each patch's uncertainty
+    return (1.0 - (h_sizes - h_patch) / math.log(g)).mean()
 
 
 class MultiLabelContrastiveLoss(nn.Module):
@@ -145,7 +146,7 @@ class MultiLabelContrastiveLoss(nn.Module):
                 total = total + self.group_label_weight * gl
         if self.group_usage_weight and grouping is not None:
             maps = [grouping] if torch.is_tensor(grouping) else list(grouping)
-            usage = sum(group_usage_kl(m) for m in maps) / len(maps)
+            usage = sum(group_usage_loss(m) for m in maps) / len(maps)
             out["group_usage_loss"] = usage
             total = total + self.group_usage_weight * usage
         out["loss"] = total

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from eval.retrieval import recall_at_k
-from groupseg.loss import MultiLabelContrastiveLoss, group_usage_kl
+from groupseg.loss import MultiLabelContrastiveLoss, group_usage_loss
 
 
 def _emb(*shape, seed=0):
@@ -68,19 +68,28 @@ def test_group_label_loss_scores_each_pair_by_its_best_segment():
     assert torch.allclose(same["group_label_loss"], same["multi_label_loss"], atol=1e-6)
 
 
-def test_group_usage_is_zero_when_even_and_log_g_when_collapsed():
-    even = torch.full((2, 4, 3, 3), 0.25)
-    assert abs(group_usage_kl(even).item()) < 1e-6
-    collapsed = torch.zeros(2, 4, 3, 3)
-    collapsed[:, 1] = 1.0
-    assert abs(group_usage_kl(collapsed).item() - math.log(4)) < 1e-5
-    half = torch.zeros(1, 4, 2, 1)
-    half[0, 0, 0], half[0, 3, 1] = 1.0, 1.0  # two groups of one patch each
-    assert abs(group_usage_kl(half).item() - math.log(2)) < 1e-5
+def test_group_usage_rewards_confident_and_even_assignments():
+    G = 4
+    flat = torch.full((2, G, 2, 2), 1.0 / G)  # every patch undecided: the hard assignment is a coin toss
+    assert abs(group_usage_loss(flat).item() - 1.0) < 1e-6
+    collapsed = torch.zeros(2, G, 2, 2)
+    collapsed[:, 1] = 1.0  # every patch confidently in group 1
+    assert abs(group_usage_loss(collapsed).item() - 1.0) < 1e-6
+    ideal = torch.eye(G).reshape(1, G, 2, 2)  # each of the 4 patches alone in its own group
+    assert abs(group_usage_loss(ideal).item()) < 1e-6
+    half = torch.zeros(1, G, 2, 2)
+    half[0, 0, 0], half[0, 3, 1] = 1.0, 1.0  # two groups of two patches: I = log 2
+    assert abs(group_usage_loss(half).item() - (1 - math.log(2) / math.log(G))) < 1e-5
+    # by hand for one soft patch next to a confident one: 1 - (H(mean) - mean H) / log G
+    p = torch.tensor([[0.5, 0.5, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0]]).T.reshape(1, G, 2, 1)
+    h_mean = -(2 * 0.25 * math.log(0.25) + 0.5 * math.log(0.5))
+    mean_h = 0.5 * math.log(2)
+    assert abs(group_usage_loss(p).item() - (1 - (h_mean - mean_h) / math.log(G))) < 1e-5
     # the loss averages stages and is only computed when weighted
     img, txt = _emb(2, 4), _emb(2, 3, 4, seed=1)
-    out = MultiLabelContrastiveLoss(group_usage_weight=2.0)(img, txt, torch.tensor(10.0), grouping=[even, collapsed])
-    assert abs(out["group_usage_loss"].item() - math.log(4) / 2) < 1e-5
+    ideal2 = ideal.expand(2, -1, -1, -1)
+    out = MultiLabelContrastiveLoss(group_usage_weight=2.0)(img, txt, torch.tensor(10.0), grouping=[ideal2, collapsed])
+    assert abs(out["group_usage_loss"].item() - 0.5) < 1e-5
     assert torch.allclose(out["loss"], out["clip_loss"] + out["multi_label_loss"] + 2.0 * out["group_usage_loss"])
     assert "group_usage_loss" not in MultiLabelContrastiveLoss()(img, txt, torch.tensor(10.0), grouping=[collapsed])
 

@@ -43,7 +43,7 @@ class TrainConfig:
     clip_grad: float = 5.0  # max gradient norm; 0 = off
     multi_label_weight: float = 1.0
     group_label_weight: float = 0.0  # multi-label loss with each pair scored by its best segment (groupseg.loss)
-    group_usage_weight: float = 0.0  # KL of each image's segment sizes from uniform: keeps the last stage from collapsing
+    group_usage_weight: float = 0.0  # 1 - patch/group mutual information: confident assignments, all groups used
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto = bf16 where the hardware has it
     grad_checkpointing: bool = False
     compile: bool = False  # torch.compile the model
