@@ -17,6 +17,8 @@ import time
 
 import torch
 
+from groupseg.prompting import DEFAULT_TEMPLATES
+
 
 def time_groupseg(weights, image, vocab, templates, precision, repeats) -> tuple[float, float, float]:
     from groupseg.segment import Segmenter
@@ -62,7 +64,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--rounds", type=int, default=2, help="alternating fp32 / bf16 rounds of the first call")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--templates", default="short")
+    p.add_argument("--templates", default=DEFAULT_TEMPLATES)
     p.add_argument("--no-transformers", action="store_true")
     args = p.parse_args()
     torch.set_num_threads(args.threads)

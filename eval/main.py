@@ -14,6 +14,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from groupseg.prompting import DEFAULT_TEMPLATES
+
 from .datasets import DATASETS, Sample, SegDataset, load_dataset, read_rgb
 from .metrics import ConfusionMatrix
 
@@ -40,7 +42,7 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="write the results JSON here")
     p.add_argument("--save-predictions", metavar="DIR", help="write STEM.png label maps (vocabulary indices, 255 = background)")
     p.add_argument("--threshold", type=float, help="background threshold (default: the benchmark's, e.g. 0.95 for voc, 0 without background)")
-    p.add_argument("--templates", default="short", help="prompt template set or file (default: short)")
+    p.add_argument("--templates", default=DEFAULT_TEMPLATES, help=f"prompt template set or file (default: {DEFAULT_TEMPLATES})")
     p.add_argument("--short-side", type=int, default=448, help="resize so the short side is this many pixels (default: 448)")
     p.add_argument("--window", type=int, default=0, help="sliding-window size (0 = whole image)")
     p.add_argument("--top-k", type=int, default=0, help="keep only each image's k most likely classes (0 = all)")

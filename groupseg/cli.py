@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
+from .prompting import DEFAULT_TEMPLATES
+
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm"}
 
 
@@ -67,7 +69,7 @@ def _add_image_args(p: argparse.ArgumentParser, out_default: str) -> None:
     _add_vocab_args(p)
     _add_model_args(p)
     p.add_argument("--out", default=out_default, help=f"output directory (default: {out_default})")
-    p.add_argument("--templates", default="short", help="prompt template set or file (default: short)")
+    p.add_argument("--templates", default=DEFAULT_TEMPLATES, help=f"prompt template set or file (default: {DEFAULT_TEMPLATES})")
     p.add_argument("--short-side", type=int, default=448, help="resize so the short side is this many pixels")
 
 

@@ -5,6 +5,10 @@ from pathlib import Path
 from typing import Sequence
 
 
+# the template set used when none is named (Segmenter, `groupseg segment`, eval, finetune)
+DEFAULT_TEMPLATES = "short"
+
+
 def prompts_dir() -> Path:
     """The folder holding ``templates/`` and ``vocab/`` (installed as ``groupseg.prompts``)."""
     candidates = [Path(__file__).resolve().parent.parent / "prompts"]  # a source checkout

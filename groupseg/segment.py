@@ -16,7 +16,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from .factory import load_model
 from .models.groupvit import GroupViT
-from .prompting import load_templates, normalize_vocab, parse_class
+from .prompting import DEFAULT_TEMPLATES, load_templates, normalize_vocab, parse_class
 from .tokenizer import get_tokenizer
 from .transforms import ImageLike, load_image, resize_nearest, sliding_windows, target_size, to_tensor
 
@@ -180,7 +180,7 @@ class Segmenter:
     def __init__(
         self,
         model: GroupViT,
-        templates: str | Sequence[str] = "short",
+        templates: str | Sequence[str] = DEFAULT_TEMPLATES,
         short_side: int = 448,
         window: int = 0,
         top_k: int = 0,

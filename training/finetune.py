@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import groupseg
+from groupseg.prompting import DEFAULT_TEMPLATES
 from groupseg.transforms import load_image
 
 from .checkpoint import latest_checkpoint, read_state, save_checkpoint
@@ -86,7 +87,7 @@ class FinetuneConfig:
     patches_per_class: int = 32  # mix-match / similarity: patches sampled per class per batch
     tag_weight: float = 0.5
     sim_weight: float = 0.5
-    templates: str = "short"  # prompt templates for the initial classifier
+    templates: str = DEFAULT_TEMPLATES  # prompt templates for the initial classifier
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     workers: int = 1
     keep_last: int = 2
