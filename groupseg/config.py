@@ -42,6 +42,10 @@ class VisionConfig:
     assign_mlp_ratio: tuple[float, float] = (0.5, 4.0)  # (token-mixing, channel) ratios in grouping blocks
     assign_eps: float = 1.0  # added to the per-group sum when averaging assigned tokens
     gumbel_tau: float = 1.0
+    # learnable multiplier of the assignment logits, initialised here (None = none, as GroupViT):
+    # at GroupViT's initialisation the logits spread ~0.08, far below the Gumbel noise of
+    # training, so short runs assign patches at random; a start of ~10 lets groups form early
+    assign_scale_init: Optional[float] = None
     hard_assignment: bool = True  # straight-through one-hot assignment (Gumbel noise in training)
     act: Literal["gelu", "quick_gelu"] = "gelu"
     drop_path_rate: float = 0.0

@@ -142,3 +142,28 @@ def test_fewer_groupings_give_the_finer_segments():
     assert fine["group_embeds"].shape == (2, 8, model.cfg.embed_dim)
     torch.testing.assert_close(fine["grouping"].sum(1), torch.ones(2, 4, 5))
     torch.testing.assert_close(model.encode_groups(x, groupings=2)["group_embeds"], full["group_embeds"])
+
+
+def test_learnable_assignment_scale_sharpens_groups_and_round_trips(tmp_path):
+    torch.manual_seed(0)
+    groups, x = torch.randn(2, 4, 16), torch.randn(2, 20, 16)
+    plain = AssignAttention(16).eval()
+    scaled = AssignAttention(16, scale_init=8.0).eval()
+    scaled.load_state_dict(plain.state_dict() | {"logit_scale": scaled.logit_scale.detach()})
+    (_, soft_p), (_, soft_s) = plain(groups, x), scaled(groups, x)
+    # same argmax (the hard assignment), sharper soft assignment: logits times 8
+    assert torch.equal(soft_p.argmax(1), soft_s.argmax(1))
+    assert soft_s.amax(1).mean() > soft_p.amax(1).mean()
+    torch.testing.assert_close(soft_s, (soft_p.log() * 8).softmax(1), atol=1e-5, rtol=1e-4)
+    out, _ = scaled.train()(groups, x)
+    out.sum().backward()
+    assert scaled.logit_scale.grad is not None  # it learns
+    cfg = groupseg.get_model_config("groupvit-tiny-test")
+    cfg.vision.assign_scale_init = 5.0
+    model = groupseg.GroupViT(cfg).eval()
+    assert "logit_scale" in "".join(n for n in model.no_weight_decay() if "assign" in n)
+    model.save_pretrained(tmp_path / "w")
+    loaded = groupseg.load_model(tmp_path / "w").eval()
+    assert loaded.cfg.vision.assign_scale_init == 5.0
+    x = torch.randn(1, 3, 32, 32)
+    torch.testing.assert_close(model.encode_image(x), loaded.encode_image(x))

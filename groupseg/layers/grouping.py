@@ -1,6 +1,7 @@
 """Group-token assignment: the part of GroupViT that merges patches into segments."""
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -41,11 +42,16 @@ class AssignAttention(nn.Module):
         hard: one-hot assignment with a straight-through gradient.
         gumbel_tau: Gumbel temperature during training.
         assign_eps: added to the per-group token count before averaging.
+        scale_init: when set, a learnable multiplier of the logits (stored as its log,
+            clamped at 100) starts at this value.
     """
 
-    def __init__(self, dim: int, hard: bool = True, gumbel_tau: float = 1.0, assign_eps: float = 1.0) -> None:
+    def __init__(
+        self, dim: int, hard: bool = True, gumbel_tau: float = 1.0, assign_eps: float = 1.0, scale_init: float | None = None
+    ) -> None:
         super().__init__()
         self.scale = dim**-0.5
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(scale_init))) if scale_init else None
         self.hard = hard
         self.gumbel_tau = gumbel_tau
         self.assign_eps = assign_eps
@@ -63,6 +69,8 @@ class AssignAttention(nn.Module):
         q = F.linear(groups, w[:dim], b[:dim])
         k, v = F.linear(x, w[dim:], b[dim:]).chunk(2, dim=-1)
         raw = (q @ k.transpose(1, 2)) * self.scale  # (B, G, N)
+        if self.logit_scale is not None:
+            raw = raw * self.logit_scale.exp().clamp(max=100)
         soft = raw.softmax(dim=1)
         if self.hard and self.training:
             attn = gumbel_softmax(raw, dim=1, tau=self.gumbel_tau, hard=True)
@@ -92,6 +100,7 @@ class GroupingBlock(nn.Module):
         gumbel_tau: Gumbel temperature.
         assign_eps: see ``AssignAttention``.
         eps: LayerNorm epsilon.
+        assign_scale_init: see ``AssignAttention``'s ``scale_init``.
     """
 
     def __init__(
@@ -107,6 +116,7 @@ class GroupingBlock(nn.Module):
         gumbel_tau: float = 1.0,
         assign_eps: float = 1.0,
         eps: float = 1e-5,
+        assign_scale_init: float | None = None,
     ) -> None:
         super().__init__()
         tokens_dim, channels_dim = (int(r * dim) for r in assign_mlp_ratio)
@@ -115,7 +125,7 @@ class GroupingBlock(nn.Module):
         self.norm_post_tokens = nn.LayerNorm(dim, eps=eps)
         self.norm_x = nn.LayerNorm(dim, eps=eps)
         self.pre_assign_attn = CrossAttnBlock(dim, num_heads, mlp_ratio, act=act, eps=eps)
-        self.assign = AssignAttention(dim, hard=hard, gumbel_tau=gumbel_tau, assign_eps=assign_eps)
+        self.assign = AssignAttention(dim, hard=hard, gumbel_tau=gumbel_tau, assign_eps=assign_eps, scale_init=assign_scale_init)
         self.norm_new_x = nn.LayerNorm(dim, eps=eps)
         self.mlp_channels = Mlp(dim, channels_dim, dim, act=act)
 

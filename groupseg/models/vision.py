@@ -59,6 +59,7 @@ class GroupingStage(nn.Module):
                 cfg.gumbel_tau,
                 cfg.assign_eps,
                 eps,
+                cfg.assign_scale_init,
             )
             if stage.num_output_groups
             else None
