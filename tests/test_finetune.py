@@ -56,6 +56,20 @@ def test_tags_hiding_and_weak_class_names():
         FT.resolve_weak_classes("car,boat", ["sky", "road", "car"])
 
 
+def test_median_frequency_weights_by_hand():
+    a = np.array([[0, 0, 0, 1]])  # class 0: 3 of 4 pixels, class 1: 1 of 4
+    b = np.array([[0, 2, 2, 255]])  # class 0: 1 of 3, class 2: 2 of 3 (ignore not counted)
+    w = FT.median_frequency_weights([a, b], 4)
+    f = np.array([4 / 7, 1 / 4, 2 / 3])  # pixels / pixels of the images where the class appears
+    np.testing.assert_allclose(w[:3].numpy(), np.median(f) / f, rtol=1e-6)
+    assert w[3] == 1.0  # never seen: no pixel of it reaches the loss anyway
+    rare = np.zeros((10, 10), np.int64)
+    rare[0, 0] = 1
+    assert FT.median_frequency_weights([rare], 2, max_weight=10.0)[1] == 10.0  # capped
+    # hidden weak pixels are IGNORE before counting: they never shape the weights either
+    assert FT.median_frequency_weights([FT.hide_classes(a, [1])], 2)[1] == 1.0
+
+
 def test_patch_labels_majority_and_triplet_loss():
     t = torch.full((1, 4, 4), 255)
     t[0, :2, :2] = 1  # a pure cell

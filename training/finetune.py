@@ -79,6 +79,7 @@ class FinetuneConfig:
     lr: float = 1e-3  # classifier and projection head
     backbone_lr_mult: float = 0.1  # vision tower learns at lr * this
     weight_decay: float = 0.01
+    class_weights: Literal["median-freq", "none"] = "median-freq"  # per-pixel loss balancing (SegNet's median frequency)
     warmup_epochs: float = 1.0
     short_side: int = 448  # images are resized to this short side (times a random scale) ...
     scale_range: tuple[float, float] = (0.75, 1.5)
@@ -154,6 +155,29 @@ def hide_classes(target: np.ndarray, hidden: Sequence[int]) -> np.ndarray:
     if len(hidden):
         out[np.isin(out, np.asarray(hidden))] = IGNORE
     return out
+
+
+def median_frequency_weights(targets: Sequence[np.ndarray], num_classes: int, max_weight: float = 10.0) -> torch.Tensor:
+    """SegNet's median frequency balancing: ``w_c = median(f) / f_c``.
+
+    ``f_c`` is class c's pixels over the pixels of the images in which c appears (``IGNORE``
+    excluded). Classes never seen get weight 1 (no pixel of theirs reaches the loss); weights
+    are capped at ``max_weight`` so that a class seen in a few pixels of one image cannot take
+    over a small subset.
+    """
+    pix = np.zeros(num_classes)
+    denom = np.zeros(num_classes)
+    for t in targets:
+        v = t[t != IGNORE]
+        counts = np.bincount(v, minlength=num_classes)[:num_classes]
+        pix += counts
+        denom[counts > 0] += v.size
+    seen = pix > 0
+    w = np.ones(num_classes)
+    if seen.any():
+        f = pix[seen] / denom[seen]
+        w[seen] = np.minimum(np.median(f) / f, max_weight)
+    return torch.tensor(w, dtype=torch.float32)
 
 
 class LabelledImages(torch.utils.data.Dataset):
@@ -350,6 +374,12 @@ class Finetuner:
         self.epoch = 0
         mcfg = model.cfg
         self.data = LabelledImages(self.ds, self.subset, cfg, self.hidden, mcfg.image_mean, mcfg.image_std)
+        if cfg.class_weights not in ("median-freq", "none"):
+            raise ValueError(f"--class-weights must be median-freq or none, got {cfg.class_weights!r}")
+        self.class_weights = None
+        if cfg.class_weights == "median-freq":  # from the visible labels of the subset (hidden weak classes excluded)
+            maps = (hide_classes(vocab_targets(self.ds, self.ds.samples[i]), self.hidden) for i in self.subset)
+            self.class_weights = median_frequency_weights(maps, len(self.labels))
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.epochs, self.mix_epochs = cfg.epochs, 0
 
@@ -408,7 +438,8 @@ class Finetuner:
 
     def pixel_loss(self, log_probs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Per-pixel NLL; ``IGNORE`` pixels (hidden weak classes included) contribute nothing."""
-        return F.nll_loss(log_probs, target, ignore_index=IGNORE)
+        w = None if self.class_weights is None else self.class_weights.to(log_probs.device, log_probs.dtype)
+        return F.nll_loss(log_probs, target, weight=w, ignore_index=IGNORE)
 
     def _similarity_terms(self, out, target, grid) -> dict[str, torch.Tensor]:
         """Pixel-pixel similarity: learnt on base-class patch pairs, transferred to hidden pixels."""
@@ -531,6 +562,9 @@ class Finetuner:
             self.mix_epochs = cfg.mix_match_epochs or max(1, self.epochs // 3)
         total = steps_per_epoch * self.epochs
         log.info("%d labelled images, %d epochs of %d steps", len(self.subset), self.epochs, steps_per_epoch)
+        if self.class_weights is not None:
+            log.info("class weights (median frequency): %s",
+                     ", ".join(f"{n} {w:.2f}" for n, w in zip(self.labels, self.class_weights.tolist())))
         warm = int(cfg.warmup_epochs * steps_per_epoch)
 
         def factor(step: int) -> float:
@@ -600,6 +634,8 @@ def add_finetune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--backbone-lr-mult", type=float, default=d.backbone_lr_mult)
+    p.add_argument("--class-weights", choices=["median-freq", "none"], default=d.class_weights,
+                   help="per-pixel loss balancing (default: median frequency, as SegNet on CamVid)")
     p.add_argument("--crop-size", type=int, default=d.crop_size)
     p.add_argument("--short-side", type=int, default=d.short_side)
     p.add_argument("--templates", default=d.templates)
