@@ -149,3 +149,25 @@ def test_segment_loss_terms_are_wired_into_training(shards, tmp_path):
         assert m.shape[:2] == (2, st.num_output_groups)
         assert torch.allclose(m.sum(1), torch.ones(()), atol=1e-5)
     assert o["group_embeds"].shape == (2, stages[-1].num_output_groups, model.cfg.embed_dim)
+
+
+def test_bf16_autocast_run_tracks_fp32(shards, tmp_path):
+    """precision auto picks bf16 on CPUs that have it: a short bf16 run's losses must match fp32's
+    within noise, the noise being how far two fp32 runs with different seeds are apart."""
+    from accelerate.state import AcceleratorState
+
+    def losses(prec, seed):
+        out = tmp_path / f"{prec}-{seed}"
+        AcceleratorState._reset_state(reset_partial_state=True)  # one precision per process in real runs
+        try:
+            Trainer(load_config(None, _cfg(shards, out, max_steps=12, precision=prec, seed=seed))).fit()
+        finally:
+            AcceleratorState._reset_state(reset_partial_state=True)
+        return np.array([yaml.safe_load(ln)["loss"] for ln in (out / "metrics.jsonl").read_text().splitlines()])
+
+    fp32, bf16, other_seed = losses("fp32", 3), losses("bf16", 3), losses("fp32", 4)
+    assert len(fp32) == len(bf16) == 12
+    assert not np.array_equal(bf16, fp32)  # it really ran in bf16
+    noise = abs(fp32.mean() - other_seed.mean())
+    assert abs(bf16.mean() - fp32.mean()) <= 2 * noise + 0.05 * fp32.mean()
+    assert bf16[-4:].mean() < bf16[:4].mean()  # and it learns
