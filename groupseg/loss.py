@@ -8,8 +8,9 @@
   over the image's own K prompts, prompt -> images a one-hot target on its image.
 
 Two optional terms act on the segments rather than the pooled image (off by default;
-the shipped model's config switches them on, because on a few thousand photos the last
-grouping stage otherwise collapses into one segment per image):
+the shipped model's config switches them on, with a learnable assignment scale
+(``VisionConfig.assign_scale_init``), because on a few thousand photos the assignments
+otherwise stay flat and the last grouping stage ends as one segment per image):
 
 * group_label: the same multi-label targets, but an image's score for a prompt is its
   best-matching segment's (multiple-instance learning over segments), so each noun
@@ -67,6 +68,8 @@ class MultiLabelContrastiveLoss(nn.Module):
         multi_label_weight: weight of the multi-label term (0 switches it off).
         rank: this process's rank.
         world_size: number of processes.
+        group_label_weight: weight of the segment-level multi-label term (needs ``group_embeds``).
+        group_usage_weight: weight of the assignment information term (needs ``grouping``).
     """
 
     def __init__(
