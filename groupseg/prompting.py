@@ -6,7 +6,7 @@ from typing import Sequence
 
 
 # the template set used when none is named (Segmenter, `groupseg segment`, eval, finetune)
-DEFAULT_TEMPLATES = "short"
+DEFAULT_TEMPLATES = "simple"
 
 
 def prompts_dir() -> Path:
