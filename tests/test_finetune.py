@@ -188,3 +188,44 @@ def test_cli_bad_input_is_one_line(tiny_weights, tmp_path, capsys):
     assert main(common + ["--split", "val"]) == 2
     err = capsys.readouterr().err.strip()
     assert "valannot" in err and len(err.splitlines()) == 1
+
+
+def test_hard_grouping_loss_is_the_argmax_segment_with_a_soft_gradient():
+    torch.manual_seed(0)
+    logits = torch.randn(1, 3, 4)  # (B, G, C)
+    raw = torch.randn(1, 3, 2, 2, requires_grad=True)
+    grouping = raw.softmax(1)
+    logp = FT.pixel_log_probs(logits, grouping, (2, 2), hard=True)
+    best = grouping.argmax(1)[0]  # (2, 2) group of each patch
+    expect = logits.softmax(-1)[0][best].permute(2, 0, 1).log()  # (C, 2, 2): that group's class log-probs
+    torch.testing.assert_close(logp[0], expect)
+    soft = FT.pixel_log_probs(logits, grouping, (2, 2))
+    assert not torch.allclose(soft, logp)  # the soft mixture differs ...
+    logp[0, 1].sum().backward()
+    assert raw.grad is not None and raw.grad.abs().sum() > 0  # ... and the assignment still learns (straight-through)
+
+
+def test_assign_scale_sharpens_without_moving_segments_and_survives_export(tiny_weights, tmp_path):
+    root = make_camvid_train(tmp_path / "camvid")
+    img = root / "train" / "f000.png"
+    model = groupseg.load_model(tiny_weights).eval()
+    px = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        a0 = model.visual(px).assignments[0]
+    FT.add_assign_scale(model, 20.0)
+    with torch.no_grad():
+        a1 = model.visual(px).assignments[0]
+    assert a1.amax(1).mean() > a0.amax(1).mean()  # sharper soft assignment
+    torch.testing.assert_close(a1.argmax(1), a0.argmax(1), rtol=0, atol=0)  # same hard segments
+    ft = FT.Finetuner(cfg_for(tmp_path, tiny_weights, root, assign_scale=20.0, grouping_loss="hard", assign_noise=False, epochs=1))
+    scales = [n for n, p in ft.head.named_parameters() if n.endswith("assign.logit_scale")]
+    assert scales and all(p.requires_grad for n, p in ft.head.named_parameters() if n in scales)
+    ft._train_mode()
+    assert all(not m.training for m in ft.head.modules() if isinstance(m, FT.AssignAttention))  # no Gumbel noise
+    assert ft.head.model.visual.training
+    out = ft.fit()
+    tuned = groupseg.load_model(out)
+    assert tuned.cfg.vision.assign_scale_init == 20.0
+    assert any(k.endswith("assign.logit_scale") for k in tuned.state_dict())
+    res = groupseg.Segmenter.from_pretrained(out, templates="simple").segment(img, ["road", "kite"])
+    assert res.label_map.shape == (32, 48) and set(np.unique(res.label_map)) <= {0, 1}

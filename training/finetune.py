@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import groupseg
+from groupseg.layers.grouping import AssignAttention
 from groupseg.prompting import DEFAULT_TEMPLATES
 from groupseg.transforms import load_image
 
@@ -80,6 +81,9 @@ class FinetuneConfig:
     backbone_lr_mult: float = 0.1  # vision tower learns at lr * this
     weight_decay: float = 0.01
     class_weights: Literal["median-freq", "none"] = "median-freq"  # per-pixel loss balancing (SegNet's median frequency)
+    grouping_loss: Literal["soft", "hard"] = "soft"  # pixels see a soft mixture of groups, or (straight-through) their argmax group as at inference
+    assign_scale: float = 0.0  # > 0: a learnable multiplier of the grouping logits starting here (sharpens flat assignments)
+    assign_noise: bool = True  # Gumbel noise in the grouping assignment while training (False: the deterministic inference assignment)
     warmup_epochs: float = 1.0
     short_side: int = 448  # images are resized to this short side (times a random scale) ...
     scale_range: tuple[float, float] = (0.75, 1.5)
@@ -231,6 +235,20 @@ class LabelledImages(torch.utils.data.Dataset):
 
 
 # --------------------------------------------------------------------------- model
+def add_assign_scale(model: groupseg.GroupViT, init: float) -> None:
+    """Give every grouping assignment that has none a learnable logit multiplier starting at ``init``.
+
+    Recorded in the model config (``assign_scale_init``), so the exported weights load with it.
+    Models trained on few photos assign patches with nearly flat logits (the shipped model's
+    first stage: mean max probability 0.03 over 64 groups), so a per-pixel loss on the soft
+    grouping barely localises; the multiplier lets fine-tuning sharpen them.
+    """
+    for m in model.modules():
+        if isinstance(m, AssignAttention) and m.logit_scale is None:
+            m.logit_scale = nn.Parameter(torch.tensor(math.log(init), device=m.qkv.weight.device))
+    model.cfg.vision.assign_scale_init = init
+
+
 class SegmentationHead(nn.Module):
     """A GroupViT with a trainable classifier over its groups.
 
@@ -268,9 +286,17 @@ class SegmentationHead(nn.Module):
         }
 
 
-def pixel_log_probs(group_logits: torch.Tensor, grouping: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """log p(class | pixel) = log sum_g p(g | pixel) p(class | g), at ``size``: (B, C, H, W)."""
-    grouping = F.interpolate(grouping.float(), size=size, mode="bilinear", align_corners=False)
+def pixel_log_probs(group_logits: torch.Tensor, grouping: torch.Tensor, size: tuple[int, int], hard: bool = False) -> torch.Tensor:
+    """log p(class | pixel) = log sum_g p(g | pixel) p(class | g), at ``size``: (B, C, H, W).
+
+    ``hard``: p(g | patch) is the one-hot argmax group (the segment inference gives the patch) in
+    the forward pass, with the soft assignment's gradient (straight-through).
+    """
+    grouping = grouping.float()
+    if hard:
+        one_hot = torch.zeros_like(grouping).scatter_(1, grouping.argmax(1, keepdim=True), 1.0)
+        grouping = one_hot - grouping.detach() + grouping
+    grouping = F.interpolate(grouping, size=size, mode="bilinear", align_corners=False)
     probs = torch.einsum("bgc,bghw->bchw", group_logits.float().softmax(-1), grouping)
     return probs.clamp_min(1e-8).log()
 
@@ -369,6 +395,12 @@ class Finetuner:
             p.requires_grad_(False)
         for p in model.text_proj.parameters():
             p.requires_grad_(False)
+        if cfg.assign_scale < 0:
+            raise ValueError(f"--assign-scale must be >= 0, got {cfg.assign_scale}")
+        if cfg.grouping_loss not in ("soft", "hard"):
+            raise ValueError(f"--grouping-loss must be soft or hard, got {cfg.grouping_loss!r}")
+        if cfg.assign_scale > 0:
+            add_assign_scale(model, cfg.assign_scale)
         self.head = SegmentationHead(model, init, cfg.groupings or None)
         self.step = 0
         self.epoch = 0
@@ -386,8 +418,10 @@ class Finetuner:
     # ------------------------------------------------------------------ pieces
     def _optimizer(self) -> torch.optim.Optimizer:
         cfg, head = self.cfg, self.head
-        backbone = [p for p in head.model.visual.parameters() if p.requires_grad]
-        heads = list(head.model.visual_proj.parameters()) + [head.classifier, head.model.logit_scale]
+        scales = [m.logit_scale for m in head.model.modules() if isinstance(m, AssignAttention) and m.logit_scale is not None]
+        ids = {id(p) for p in scales}
+        backbone = [p for p in head.model.visual.parameters() if p.requires_grad and id(p) not in ids]
+        heads = list(head.model.visual_proj.parameters()) + [head.classifier, head.model.logit_scale] + scales
         heads += list(head.sim_head.parameters())
         return torch.optim.AdamW(
             [{"params": backbone, "lr": cfg.lr * cfg.backbone_lr_mult}, {"params": heads, "lr": cfg.lr}],
@@ -411,6 +445,8 @@ class Finetuner:
         for m in self.head.modules():  # small batches: keep the pretrained BatchNorm statistics
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 m.eval()
+            if isinstance(m, AssignAttention) and not self.cfg.assign_noise:
+                m.eval()  # hard argmax assignment without Gumbel noise, as at inference
 
     def losses(self, batch: dict[str, torch.Tensor], epoch: int) -> dict[str, torch.Tensor]:
         """All loss terms of one batch (only what the mode uses is non-zero)."""
@@ -426,7 +462,7 @@ class Finetuner:
             feats = dense_group_features(out).reshape(-1, out["group_embeds"].shape[-1])
             terms["triplet"] = triplet_loss(feats[idx], lab.reshape(-1)[idx], cfg.margin)
             return terms
-        logp = pixel_log_probs(out["group_logits"], out["grouping"], tuple(target.shape[-2:]))
+        logp = pixel_log_probs(out["group_logits"], out["grouping"], tuple(target.shape[-2:]), cfg.grouping_loss == "hard")
         terms["ce"] = self.pixel_loss(logp, target)
         if self.hidden and cfg.weak_loss == "tags":
             weak = torch.tensor(self.hidden, device=px.device)
@@ -636,6 +672,12 @@ def add_finetune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backbone-lr-mult", type=float, default=d.backbone_lr_mult)
     p.add_argument("--class-weights", choices=["median-freq", "none"], default=d.class_weights,
                    help="per-pixel loss balancing (default: median frequency, as SegNet on CamVid)")
+    p.add_argument("--grouping-loss", choices=["soft", "hard"], default=d.grouping_loss,
+                   help="per-pixel loss on the soft group mixture, or on each patch's argmax group (straight-through)")
+    p.add_argument("--assign-scale", type=float, default=d.assign_scale,
+                   help="> 0: learnable multiplier of the grouping logits, starting at this value")
+    p.add_argument("--assign-noise", action=argparse.BooleanOptionalAction, default=d.assign_noise,
+                   help="Gumbel noise in the grouping assignment while training")
     p.add_argument("--crop-size", type=int, default=d.crop_size)
     p.add_argument("--short-side", type=int, default=d.short_side)
     p.add_argument("--templates", default=d.templates)
