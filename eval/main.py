@@ -44,7 +44,8 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threshold", type=float, help="background threshold (default: the benchmark's, e.g. 0.95 for voc, 0 without background)")
     p.add_argument("--templates", default=DEFAULT_TEMPLATES, help=f"prompt template set or file (default: {DEFAULT_TEMPLATES})")
     p.add_argument("--short-side", type=int, default=448, help="resize so the short side is this many pixels (default: 448)")
-    p.add_argument("--window", type=int, default=0, help="sliding-window size (0 = whole image)")
+    p.add_argument("--window", type=int, default=None,
+                   help="sliding-window size in pixels (0 = whole image; default: the weights' own, else 0)")
     p.add_argument("--top-k", type=int, default=0, help="keep only each image's k most likely classes (0 = all)")
     p.add_argument("--flip", action="store_true", help="average class scores with the mirrored image")
     p.add_argument("--groupings", type=int, default=None, metavar="N",

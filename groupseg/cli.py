@@ -200,7 +200,8 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
                        epilog='example:\n  groupseg segment street.jpg --vocab "sky,road,car" --out out/')
     _add_image_args(p, "groupseg_out")
     p.add_argument("--threshold", type=float, default=0.0, help="class probability below which a pixel is background (255)")
-    p.add_argument("--window", type=int, default=0, help="sliding-window size for long images (0 = whole image)")
+    p.add_argument("--window", type=int, default=None,
+                   help="sliding-window size in pixels (0 = whole image; default: the weights' own, else 0)")
     p.add_argument("--top-k", type=int, default=0, help="keep only the image's k most likely classes (0 = all)")
     p.add_argument("--pamr", action="store_true", help="refine segment boundaries onto image edges (PAMR, as TCL)")
     p.add_argument("--groupings", type=int, default=None, metavar="N",

@@ -105,6 +105,9 @@ class ModelConfig:
     # grouping stages that segment at inference (None = all); fine-tuning on the first stage's
     # segments records 1 here so the Segmenter segments the way the classifier was trained
     groupings: Optional[int] = None
+    # sliding-window side (pixels) the Segmenter uses by default (None = whole image); fine-tuning
+    # records its crop size here, so segments at inference are as fine as those it was tuned on
+    window: Optional[int] = None
 
     def __post_init__(self) -> None:
         self.tuned_classes = list(self.tuned_classes)

@@ -159,7 +159,8 @@ class Segmenter:
         model: a ``GroupViT`` (put in eval mode).
         templates: a template set name from ``prompts/templates`` or a file, or a list.
         short_side: images are resized so their short side is this (then rounded to the patch size).
-        window: sliding-window side in pixels for very long images (0 = never slide).
+        window: sliding-window side in pixels (0 = never slide; ``None`` = the model config's
+            ``window``, set by fine-tuning to its crop size, else 0).
         top_k: keep only the image's k most likely classes per segment (NVlabs' filter); 0 = off.
         threshold: class probability below which a pixel is background (255); 0 = no background.
         device: torch device.
@@ -182,7 +183,7 @@ class Segmenter:
         model: GroupViT,
         templates: str | Sequence[str] = DEFAULT_TEMPLATES,
         short_side: int = 448,
-        window: int = 0,
+        window: int | None = None,
         top_k: int = 0,
         threshold: float = 0.0,
         device: str | torch.device = "cpu",
@@ -208,7 +209,7 @@ class Segmenter:
             raise ValueError("no prompt templates given")
         self._templates_key = hashlib.sha1("\n".join(self.templates).encode()).hexdigest()[:12]
         self.short_side = short_side
-        self.window = window
+        self.window = window if window is not None else (model.cfg.window or 0)
         self.top_k = top_k
         self.threshold = threshold
         self._cache: dict[tuple[str, str], torch.Tensor] = {}

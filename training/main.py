@@ -94,14 +94,15 @@ def _deep_update(d: dict, u: dict) -> None:
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW; no weight decay on norms, biases, embeddings and group tokens."""
+    """AdamW (fused: one pass over each tensor, on CPUs and GPUs); no weight decay on norms, biases,
+    embeddings and group tokens."""
     skip = model.no_weight_decay()
     decay = [p for n, p in model.named_parameters() if p.requires_grad and n not in skip]
     no_decay = [p for n, p in model.named_parameters() if p.requires_grad and n in skip]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     kw: dict[str, Any] = {"lr": cfg.lr, "betas": cfg.betas, "eps": cfg.eps}
-    if torch.cuda.is_available():
-        kw["fused"] = True
+    if all(p.device.type in ("cpu", "cuda") for p in decay + no_decay):
+        kw["fused"] = True  # 2x faster than the per-tensor loop on 2 CPU cores (benchmarks/train_step.py)
     return torch.optim.AdamW(groups, **kw)
 
 
@@ -220,14 +221,26 @@ class Trainer:
         acc.wait_for_everyone()
 
     def export(self, directory: Path) -> None:
-        """The model in groupseg's format, atomically (``groupseg segment --weights DIR`` reads it)."""
+        """The model in groupseg's format, atomically (``groupseg segment --weights DIR`` reads it).
+
+        The exported config's ``window`` is the training image size (unless set): on CamVid val
+        the shipped model, trained at 224 px, scores 0.2 % mIoU on whole 448-px images and 6.9 %
+        in 224-px windows (first 30 images).
+        """
         import shutil
 
         dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[self.cfg.export_dtype]
         tmp = directory.with_name(directory.name + ".tmp")
         if tmp.exists():
             shutil.rmtree(tmp)
-        self.unwrapped.save_pretrained(tmp, dtype=dtype)
+        cfg = self.unwrapped.cfg
+        window = cfg.window
+        if window is None:  # segment larger images in windows of the size the model was trained at
+            cfg.window = cfg.vision.image_size
+        try:
+            self.unwrapped.save_pretrained(tmp, dtype=dtype)
+        finally:
+            cfg.window = window
         extra = getattr(self, "_export_extra", None)
         if extra:
             extra(tmp)
