@@ -4,7 +4,9 @@
     python benchmarks/train_step.py --batch 4 --steps 5 --threads 2
 
 Forward + contrastive loss + backward + AdamW step, alternating the two implementations after a
-warm-up, in fp32 and under bf16 autocast. Prints ms/step, samples/s, the ratio, model FLOPs per
+warm-up, in fp32 and under bf16 autocast. Both sides step the same optimizer: fused AdamW, the default
+of transformers' Trainer (``adamw_torch_fused`` on torch >= 2.8) and of groupseg's trainer
+(``--optimizer plain`` for torch's per-tensor AdamW loop on both). Prints ms/step, samples/s, the ratio, model FLOPs per
 step (torch.utils.flop_counter) and the achieved fraction of a matmul peak measured in the same
 run. Peak memory: each implementation and precision in a fresh subprocess (`--memory-only` runs just
 that part): the process's peak resident set (Linux VmHWM, reset through /proc/self/clear_refs once
@@ -53,11 +55,15 @@ def clip_loss(img, txt, scale):
     return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
 
 
-def step_fn(kind, model, opt, px, ids, bf16, matmul_attention=True):
+def step_fn(kind, model, opt, px, ids, bf16, attention_dtypes=None):
+    """One train step; ``attention_dtypes``: groupseg's CPU matmul-attention dtypes (None: the library's)."""
     from groupseg.layers import attention
 
+    default = set(attention.CPU_MATMUL_ATTENTION_DTYPES)
+    dtypes = default if attention_dtypes is None else set(attention_dtypes)
+
     def run():
-        attention.CPU_BF16_MATMUL_ATTENTION = matmul_attention
+        attention.CPU_MATMUL_ATTENTION_DTYPES = dtypes
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             if kind == "transformers":
                 out = model(input_ids=ids, pixel_values=px)
@@ -88,7 +94,11 @@ def _status_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def memory_child(kind: str, bf16: bool, batch: int, threads: int) -> None:
+def make_optimizer(model: torch.nn.Module, kind: str) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(model.parameters(), lr=1e-5, fused=kind == "fused")
+
+
+def memory_child(kind: str, bf16: bool, batch: int, threads: int, optimizer: str) -> None:
     """Print the peak resident set added by three train steps of one implementation (MiB)."""
     torch.set_num_threads(threads)
     from groupseg.tokenizer import tokenize
@@ -99,7 +109,7 @@ def memory_child(kind: str, bf16: bool, batch: int, threads: int) -> None:
     gc.collect()
     px = torch.randn(batch, 3, 224, 224)
     ids = tokenize([f"a photo of a thing number {i}" for i in range(batch)])
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    opt = make_optimizer(model, optimizer)
     fn = step_fn(kind, model, opt, px, ids, bf16)
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset the peak-RSS counter
@@ -109,13 +119,14 @@ def memory_child(kind: str, bf16: bool, batch: int, threads: int) -> None:
     print(f"{(_status_kib('VmHWM') - before) / 1024:.0f} {_status_kib('VmHWM') / 1024:.0f}")
 
 
-def peak_memory(batch: int, threads: int) -> None:
+def peak_memory(batch: int, threads: int, optimizer: str) -> None:
     print(f"\npeak memory of a train step (batch {batch}; fresh process each; MiB above the resident set before the steps, "
           "and the process's peak resident set over those steps):")
     for bf16 in (False, True):
         res = {}
         for kind in ("transformers", "groupseg"):
-            cmd = [sys.executable, __file__, "--memory-child", kind, "--batch", str(batch), "--threads", str(threads)]
+            cmd = [sys.executable, __file__, "--memory-child", kind, "--batch", str(batch), "--threads", str(threads),
+                   "--optimizer", optimizer]
             out = subprocess.run(cmd + (["--bf16"] if bf16 else []), capture_output=True, text=True, check=True).stdout
             res[kind] = [float(v) for v in out.split()[-2:]]
         label = "bf16 autocast" if bf16 else "fp32"
@@ -130,31 +141,36 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=6, help="timed steps per implementation and precision")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--optimizer", choices=["fused", "plain"], default="fused", help="AdamW for both implementations")
     p.add_argument("--memory-only", action="store_true", help="only the peak-memory part")
     p.add_argument("--memory-child", choices=["transformers", "groupseg"], help=argparse.SUPPRESS)
     p.add_argument("--bf16", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.memory_child:
-        return memory_child(args.memory_child, args.bf16, args.batch, args.threads)
+        return memory_child(args.memory_child, args.bf16, args.batch, args.threads, args.optimizer)
     if args.memory_only:
-        return peak_memory(args.batch, args.threads)
+        return peak_memory(args.batch, args.threads, args.optimizer)
     torch.set_num_threads(args.threads)
+    from groupseg.layers import attention
     from groupseg.tokenizer import tokenize
 
     hf, ours = build_pair(args)
     px = torch.randn(args.batch, 3, 224, 224)
     ids = tokenize([f"a photo of a thing number {i}" for i in range(args.batch)])
-    print(f"machine: {platform.processor() or platform.machine()}, {args.threads} threads, torch {torch.__version__}")
+    print(f"machine: {platform.processor() or platform.machine()}, {args.threads} threads, torch {torch.__version__}, "
+          f"{args.optimizer} AdamW on both sides")
     for bf16 in (False, True):
         dtype = torch.bfloat16 if bf16 else torch.float32
         peak = matmul_peak(dtype)
         fns = {}
-        impls = [("transformers", hf, True), ("groupseg", ours, True)]
-        if bf16:  # before/after of the plain-matmul bf16 attention, in the same run
-            impls.append(("groupseg-sdpa", ours, False))
-        for kind, model, mm in impls:
-            opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
-            fns[kind] = step_fn(kind.split("-")[0], model, opt, px, ids, bf16, mm)
+        # groupseg as the library runs it, and with the other attention path at this precision (before/after)
+        default = set(attention.CPU_MATMUL_ATTENTION_DTYPES)
+        matmul = dtype in default
+        alt = ("groupseg-sdpa", default - {dtype}) if matmul else ("groupseg-matmul", default | {dtype})
+        impls = [("transformers", hf, None), ("groupseg", ours, None), (alt[0], ours, alt[1])]
+        for kind, model, dts in impls:
+            opt = make_optimizer(model, args.optimizer)
+            fns[kind] = step_fn(kind.split("-")[0], model, opt, px, ids, bf16, dts)
         n_flops = {k: flops(f) for k, f in fns.items()}  # each counts its own work (transformers pads text to 77)
         times = {k: [] for k in fns}
         for _ in range(args.warmup):
@@ -171,11 +187,11 @@ def main() -> None:
         for k, t in med.items():
             print(f"  {k:12s} {1000 * t:8.0f} ms/step  {args.batch / t:6.1f} samples/s  {n_flops[k] / 1e9:5.0f} GFLOP/step  "
                   f"{n_flops[k] / t / peak:5.1%} of peak")
-        print(f"  ratio groupseg/transformers speed: {med['transformers'] / med['groupseg']:.2f}x")
-        if "groupseg-sdpa" in med:
-            print(f"  ratio groupseg-sdpa/transformers speed: {med['transformers'] / med['groupseg-sdpa']:.2f}x; "
-                  f"matmul attention vs SDPA: {med['groupseg-sdpa'] / med['groupseg']:.2f}x")
-    peak_memory(args.batch, args.threads)
+        print(f"  ratio groupseg/transformers speed: {med['transformers'] / med['groupseg']:.2f}x "
+              f"(groupseg attention: {'plain matmuls' if matmul else 'scaled_dot_product_attention'})")
+        print(f"  ratio {alt[0]}/transformers speed: {med['transformers'] / med[alt[0]]:.2f}x; "
+              f"matmul attention vs SDPA: {(med['groupseg-sdpa'] / med['groupseg']) if matmul else (med['groupseg'] / med['groupseg-matmul']):.2f}x")
+    peak_memory(args.batch, args.threads, args.optimizer)
     print("\nCUDA rows: not measured (no GPU in this run)")
 
 

@@ -6,8 +6,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-# bf16 attention on CPU through plain matmuls (see ``_math_attention``); benchmarks flip it to compare
-CPU_BF16_MATMUL_ATTENTION = True
+# dtypes whose attention runs on CPU through plain matmuls (see ``_math_attention``); benchmarks change it to compare
+CPU_MATMUL_ATTENTION_DTYPES: set[torch.dtype] = {torch.bfloat16}
 
 
 class Attention(nn.Module):
@@ -43,7 +43,7 @@ class Attention(nn.Module):
             kv = F.linear(context, w[dim:], None if b is None else b[dim:])
             q = rearrange(q, "b n (h d) -> b h n d", h=h)
             k, v = rearrange(kv, "b s (two h d) -> two b h s d", two=2, h=h)
-        if CPU_BF16_MATMUL_ATTENTION and q.device.type == "cpu" and q.dtype == torch.bfloat16:
+        if q.device.type == "cpu" and q.dtype in CPU_MATMUL_ATTENTION_DTYPES:
             out = _math_attention(q, k, v, causal)  # faster than the fused CPU kernel in bf16 at these sizes
         else:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # (B, h, N, d)
