@@ -123,6 +123,8 @@ def test_finetune_writes_weights_that_segment_any_word(tiny_weights, tmp_path):
     assert (out / "loss_curve.png").exists() and (out / "subset.txt").read_text().split() == [f"f{i:03d}" for i in range(6)]
     seg = groupseg.Segmenter.from_pretrained(out, templates="simple")
     assert seg.groupings == 1 and groupseg.Segmenter.from_pretrained(out, groupings=2).groupings == 2
+    assert model.cfg.window == 32 and seg.window == 32  # segments in windows of the crop size it was tuned on
+    assert groupseg.Segmenter.from_pretrained(out, window=0).window == 0
     labels, emb, owner = seg.class_embeddings(["road;street", "banana"])
     torch.testing.assert_close(emb[0], model.tuned_class_embedding("road"))  # tuned class: its own vector
     assert owner.tolist() == [0, 1]  # the synonym of a tuned class is not used; banana via the text tower

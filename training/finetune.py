@@ -6,8 +6,12 @@
 
 The classifier is a (C, D) matrix in the joint image-text space, initialised with the class
 names' prompt-ensembled text embeddings, so zero labelled images is exactly the zero-shot model.
-Group-to-class logits give each pixel a mixture over the groups it belongs to (soft grouping),
-trained with a per-pixel loss (ignore index honoured); the backbone learns at a lower rate.
+Group-to-class logits give each pixel the class distribution of its group (the argmax group, as at
+inference, with the soft assignment's gradient: straight-through), trained with a per-pixel loss
+(ignore index honoured, median-frequency class weights); the backbone learns at a lower rate.
+Models pretrained on a few thousand photos assign patches to groups with nearly flat logits, so
+the first-stage assignments get a learnable sharpening scale (``--assign-scale``, 50 at the start)
+and no Gumbel noise while tuning; the exported model segments in windows of the crop size.
 
 Modes:
 - ``ce``: per-pixel negative log-likelihood only.
@@ -78,12 +82,12 @@ class FinetuneConfig:
     seed: int = 0
     batch_size: int = 8
     lr: float = 1e-3  # classifier and projection head
-    backbone_lr_mult: float = 0.1  # vision tower learns at lr * this
+    backbone_lr_mult: float = 0.3  # vision tower learns at lr * this
     weight_decay: float = 0.01
     class_weights: Literal["median-freq", "none"] = "median-freq"  # per-pixel loss balancing (SegNet's median frequency)
-    grouping_loss: Literal["soft", "hard"] = "soft"  # pixels see a soft mixture of groups, or (straight-through) their argmax group as at inference
-    assign_scale: float = 0.0  # > 0: a learnable multiplier of the grouping logits starting here (sharpens flat assignments)
-    assign_noise: bool = True  # Gumbel noise in the grouping assignment while training (False: the deterministic inference assignment)
+    grouping_loss: Literal["soft", "hard"] = "hard"  # pixels see a soft mixture of groups, or (straight-through) their argmax group as at inference
+    assign_scale: float = 50.0  # > 0: a learnable multiplier of the grouping logits starting here (sharpens flat assignments)
+    assign_noise: bool = False  # Gumbel noise in the grouping assignment while training (False: the deterministic inference assignment)
     warmup_epochs: float = 1.0
     short_side: int = 448  # images are resized to this short side (times a random scale) ...
     scale_range: tuple[float, float] = (0.75, 1.5)
@@ -399,7 +403,7 @@ class Finetuner:
             raise ValueError(f"--assign-scale must be >= 0, got {cfg.assign_scale}")
         if cfg.grouping_loss not in ("soft", "hard"):
             raise ValueError(f"--grouping-loss must be soft or hard, got {cfg.grouping_loss!r}")
-        if cfg.assign_scale > 0:
+        if cfg.assign_scale > 0 and self.subset and cfg.epochs > 0:  # (no images: the zero-shot model, unchanged)
             add_assign_scale(model, cfg.assign_scale)
         self.head = SegmentationHead(model, init, cfg.groupings or None)
         self.step = 0
@@ -426,6 +430,7 @@ class Finetuner:
         return torch.optim.AdamW(
             [{"params": backbone, "lr": cfg.lr * cfg.backbone_lr_mult}, {"params": heads, "lr": cfg.lr}],
             lr=cfg.lr, weight_decay=cfg.weight_decay,
+            fused=all(p.device.type in ("cpu", "cuda") for p in backbone + heads) or None,
         )
 
     def _loader(self, epoch: int):
@@ -534,14 +539,15 @@ class Finetuner:
         """Ordinary groupseg weights in ``out``: the model plus the tuned class vectors."""
         head = self.acc.unwrap_model(self.head)
         model = head.model
-        saved = (list(model.cfg.tuned_classes), model.tuned_class_embeds, model.cfg.groupings)
-        model.cfg.groupings = self.cfg.groupings or None  # the exported model segments as it was tuned
+        saved = (list(model.cfg.tuned_classes), model.tuned_class_embeds, model.cfg.groupings, model.cfg.window)
+        model.cfg.groupings = self.cfg.groupings or None  # the exported model segments as it was tuned:
+        model.cfg.window = self.cfg.crop_size  # with its grouping stages, in windows of its crop size
         try:  # the live model stays as it was: checkpoints keep one state layout
             model.set_tuned_classes(self.labels, F.normalize(head.classifier.detach().float(), dim=-1))
             return self._write_weights(model)
         finally:
             model.cfg.tuned_classes = saved[0]
-            model.cfg.groupings = saved[2]
+            model.cfg.groupings, model.cfg.window = saved[2], saved[3]
             if saved[1] is None:
                 del model.tuned_class_embeds
                 model.register_parameter("tuned_class_embeds", None)

@@ -221,26 +221,14 @@ class Trainer:
         acc.wait_for_everyone()
 
     def export(self, directory: Path) -> None:
-        """The model in groupseg's format, atomically (``groupseg segment --weights DIR`` reads it).
-
-        The exported config's ``window`` is the training image size (unless set): on CamVid val
-        the shipped model, trained at 224 px, scores 0.2 % mIoU on whole 448-px images and 6.9 %
-        in 224-px windows (first 30 images).
-        """
+        """The model in groupseg's format, atomically (``groupseg segment --weights DIR`` reads it)."""
         import shutil
 
         dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[self.cfg.export_dtype]
         tmp = directory.with_name(directory.name + ".tmp")
         if tmp.exists():
             shutil.rmtree(tmp)
-        cfg = self.unwrapped.cfg
-        window = cfg.window
-        if window is None:  # segment larger images in windows of the size the model was trained at
-            cfg.window = cfg.vision.image_size
-        try:
-            self.unwrapped.save_pretrained(tmp, dtype=dtype)
-        finally:
-            cfg.window = window
+        self.unwrapped.save_pretrained(tmp, dtype=dtype)
         extra = getattr(self, "_export_extra", None)
         if extra:
             extra(tmp)
