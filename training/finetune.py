@@ -77,7 +77,7 @@ class FinetuneConfig:
     objective: Literal["ce", "mix-match"] = "ce"
     groupings: int = 1  # segment with the first N grouping stages (1: the first stage's 64 groups; 0 = all)
     epochs: int = 30
-    min_steps: int = 300  # small subsets run more epochs, so that every budget gets at least this many steps
+    min_steps: int = 1000  # small subsets run more epochs, so that every budget gets at least this many steps
     mix_match_epochs: int = 0  # triplet-only epochs first (0 = a third of the epochs) for mix-match
     seed: int = 0
     batch_size: int = 8

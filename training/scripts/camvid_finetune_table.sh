@@ -7,7 +7,7 @@
 set -euo pipefail
 WEIGHTS=${1:-default}
 EPOCHS=${2:-30}
-MIN_STEPS=${3:-300}
+MIN_STEPS=${3:-1000}
 DATA=${DATA:-../shared/data/camvid}
 OUT=${OUT:-runs/camvid-ft}
 mkdir -p "$OUT"
