@@ -59,8 +59,7 @@ def step_fn(kind, model, opt, px, ids, bf16, attention_dtypes=None):
     """One train step; ``attention_dtypes``: groupseg's CPU matmul-attention dtypes (None: the library's)."""
     from groupseg.layers import attention
 
-    default = set(attention.CPU_MATMUL_ATTENTION_DTYPES)
-    dtypes = default if attention_dtypes is None else set(attention_dtypes)
+    dtypes = set(attention.CPU_MATMUL_ATTENTION_DTYPES if attention_dtypes is None else attention_dtypes)
 
     def run():
         attention.CPU_MATMUL_ATTENTION_DTYPES = dtypes
@@ -96,6 +95,31 @@ def _status_kib(field: str) -> int:
 
 def make_optimizer(model: torch.nn.Module, kind: str) -> torch.optim.Optimizer:
     return torch.optim.AdamW(model.parameters(), lr=1e-5, fused=kind == "fused")
+
+
+def optimizer_step_times(steps: int) -> None:
+    """AdamW step alone over the gvit-s parameters (random gradients): per-tensor loop, foreach, fused."""
+    from transformers import GroupViTConfig, GroupViTModel
+
+    params = list(GroupViTModel(GroupViTConfig()).parameters())
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opts = {"per-tensor loop (torch's CPU default)": torch.optim.AdamW(params, lr=1e-5),
+            "foreach": torch.optim.AdamW(params, lr=1e-5, foreach=True),
+            "fused": torch.optim.AdamW(params, lr=1e-5, fused=True)}
+    for o in opts.values():
+        o.step()
+    times = {k: [] for k in opts}
+    for _ in range(steps):  # alternating
+        for k, o in opts.items():
+            t0 = time.perf_counter()
+            o.step()
+            times[k].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    base = next(iter(med.values()))
+    print(f"AdamW step over {sum(p.numel() for p in params) / 1e6:.1f} M parameters, {steps} steps each, alternating:")
+    for k, t in med.items():
+        print(f"  {k:40s} {1000 * t:6.0f} ms   {base / t:.2f}x the per-tensor loop's speed")
 
 
 def memory_child(kind: str, bf16: bool, batch: int, threads: int, optimizer: str) -> None:
@@ -143,11 +167,15 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--optimizer", choices=["fused", "plain"], default="fused", help="AdamW for both implementations")
     p.add_argument("--memory-only", action="store_true", help="only the peak-memory part")
+    p.add_argument("--optimizer-only", action="store_true", help="only the AdamW step: per-tensor loop vs foreach vs fused")
     p.add_argument("--memory-child", choices=["transformers", "groupseg"], help=argparse.SUPPRESS)
     p.add_argument("--bf16", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.memory_child:
         return memory_child(args.memory_child, args.bf16, args.batch, args.threads, args.optimizer)
+    if args.optimizer_only:
+        torch.set_num_threads(args.threads)
+        return optimizer_step_times(max(args.steps, 10))
     if args.memory_only:
         return peak_memory(args.batch, args.threads, args.optimizer)
     torch.set_num_threads(args.threads)

@@ -186,6 +186,9 @@ def test_cli_bad_input_is_one_line(tiny_weights, tmp_path, capsys):
     assert "'boat' is not a class" in capsys.readouterr().err
     assert main(common + ["--fraction", "1.5"]) == 2
     assert "--fraction must be in (0, 1]" in capsys.readouterr().err
+    assert main(common + ["--assign-scale", "-1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--assign-scale must be >= 0, got -1.0" in err and len(err.splitlines()) == 1
     (root / "val").mkdir()
     assert main(common + ["--split", "val"]) == 2
     err = capsys.readouterr().err.strip()

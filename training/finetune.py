@@ -56,6 +56,7 @@ from groupseg.prompting import DEFAULT_TEMPLATES
 from groupseg.transforms import load_image
 
 from .checkpoint import latest_checkpoint, read_state, save_checkpoint
+from .main import fused_adamw
 
 log = logging.getLogger("groupseg.finetune")
 
@@ -370,6 +371,10 @@ class Finetuner:
             raise ValueError("--out is required")
         if cfg.objective not in ("ce", "mix-match"):
             raise ValueError(f"--objective must be ce or mix-match, got {cfg.objective!r}")
+        if cfg.assign_scale < 0:
+            raise ValueError(f"--assign-scale must be >= 0, got {cfg.assign_scale}")
+        if cfg.grouping_loss not in ("soft", "hard"):
+            raise ValueError(f"--grouping-loss must be soft or hard, got {cfg.grouping_loss!r}")
         self.cfg = cfg
         self.out = Path(cfg.out)
         self.ds = load_dataset(cfg.dataset, cfg.data_root, cfg.split, cfg.vocab_file or None)
@@ -399,10 +404,6 @@ class Finetuner:
             p.requires_grad_(False)
         for p in model.text_proj.parameters():
             p.requires_grad_(False)
-        if cfg.assign_scale < 0:
-            raise ValueError(f"--assign-scale must be >= 0, got {cfg.assign_scale}")
-        if cfg.grouping_loss not in ("soft", "hard"):
-            raise ValueError(f"--grouping-loss must be soft or hard, got {cfg.grouping_loss!r}")
         if cfg.assign_scale > 0 and self.subset and cfg.epochs > 0:  # (no images: the zero-shot model, unchanged)
             add_assign_scale(model, cfg.assign_scale)
         self.head = SegmentationHead(model, init, cfg.groupings or None)
@@ -430,7 +431,7 @@ class Finetuner:
         return torch.optim.AdamW(
             [{"params": backbone, "lr": cfg.lr * cfg.backbone_lr_mult}, {"params": heads, "lr": cfg.lr}],
             lr=cfg.lr, weight_decay=cfg.weight_decay,
-            fused=all(p.device.type in ("cpu", "cuda") for p in backbone + heads) or None,
+            fused=fused_adamw(backbone + heads) or None,
         )
 
     def _loader(self, epoch: int):
