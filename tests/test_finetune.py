@@ -95,6 +95,28 @@ def test_loader_hides_weak_pixels_and_keeps_their_tags(tiny_weights, tmp_path):
     assert tags[:, 3].all() and not tags[:, 11 - 1].any()
 
 
+def test_tags_are_those_of_the_crop_the_model_sees(tiny_weights, tmp_path):
+    # car only in the right 6 of 48 columns: a 32-px crop shows it or not, and its tags say which
+    root = tmp_path / "camvid"
+    for i in range(6):
+        (root / "train").mkdir(parents=True, exist_ok=True)
+        (root / "trainannot").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(RNG.integers(0, 255, (32, 48, 3), dtype=np.uint8)).save(root / "train" / f"f{i:03d}.png")
+        lab = np.zeros((32, 48), np.uint8)
+        lab[:, -6:] = 8
+        Image.fromarray(lab, "L").save(root / "trainannot" / f"f{i:03d}.png")
+    ft = FT.Finetuner(cfg_for(tmp_path, tiny_weights, root, weak_classes="car", scale_range=(1.0, 1.0)))
+    shown = []
+    for epoch in range(4):
+        ft.data.epoch = epoch
+        for i in range(len(ft.data)):
+            item = ft.data[i]
+            hidden_px = int((item["target"] == 255).sum())  # the only ignore pixels are the hidden car
+            assert item["tags"][8] == float(hidden_px > 0) and item["tags"][0] == float(hidden_px < 32 * 32)
+            shown.append(hidden_px > 0)
+    assert any(shown) and not all(shown)  # some crops show the car, some do not
+
+
 def test_weak_pixels_never_reach_the_loss(tiny_weights, tmp_path, monkeypatch):
     root = make_camvid_train(tmp_path / "camvid")
     ft = FT.Finetuner(cfg_for(tmp_path, tiny_weights, root, weak_classes="car", epochs=1))
@@ -105,11 +127,20 @@ def test_weak_pixels_never_reach_the_loss(tiny_weights, tmp_path, monkeypatch):
         seen.append(target.clone())
         return real(logp, target)
 
+    real_comp = FT.complementary_loss
+    comp_targets = []
+
+    def spy_comp(logp, target, weak, tags):
+        comp_targets.append(target.clone())
+        return real_comp(logp, target, weak, tags)
+
     monkeypatch.setattr(ft, "pixel_loss", spy)
+    monkeypatch.setattr(FT, "complementary_loss", spy_comp)
     ft.fit()
     assert seen and all(not (t == 8).any() for t in seen)
+    assert comp_targets and all(not (t == 8).any() for t in comp_targets)  # the complementary loss sees only IGNORE
     rec = (Path(ft.cfg.out) / "metrics.jsonl").read_text()
-    assert rec == "" or "tag_loss" in rec
+    assert rec == "" or ("tag_loss" in rec and "comp_loss" in rec)
 
 
 def test_finetune_writes_weights_that_segment_any_word(tiny_weights, tmp_path):
@@ -189,6 +220,8 @@ def test_cli_bad_input_is_one_line(tiny_weights, tmp_path, capsys):
     assert main(common + ["--assign-scale", "-1"]) == 2
     err = capsys.readouterr().err.strip()
     assert "--assign-scale must be >= 0, got -1.0" in err and len(err.splitlines()) == 1
+    assert main(common + ["--weak-classes", "car", "--tag-topk", "0"]) == 2
+    assert "--tag-topk must be in (0, 1], got 0.0" in capsys.readouterr().err
     (root / "val").mkdir()
     assert main(common + ["--split", "val"]) == 2
     err = capsys.readouterr().err.strip()
@@ -208,6 +241,39 @@ def test_hard_grouping_loss_is_the_argmax_segment_with_a_soft_gradient():
     assert not torch.allclose(soft, logp)  # the soft mixture differs ...
     logp[0, 1].sum().backward()
     assert raw.grad is not None and raw.grad.abs().sum() > 0  # ... and the assignment still learns (straight-through)
+
+
+def test_tag_scores_pool_patches_so_empty_groups_cannot_explain_a_tag():
+    # 3 groups over 4 patches: group 0 owns no patch but is all "car" (class 1); group 1 owns 3 patches, group 2 one
+    logits = torch.tensor([[[0.0, 9.0], [9.0, 0.0], [0.0, 0.0]]], requires_grad=True)  # (B, G, C)
+    owner = torch.tensor([1, 1, 1, 2])
+    grouping = torch.full((1, 3, 2, 2), 0.1)
+    grouping.view(1, 3, 4)[0, owner, torch.arange(4)] = 0.8
+    car = torch.tensor([1])
+    p_car = torch.softmax(torch.tensor([9.0, 0.0]), 0)[1]  # group 1's car probability
+    # the most car-like patch (group 2: 0.5) alone, then the mean of the top half (0.5 and group 1's)
+    torch.testing.assert_close(FT.tag_scores(logits, grouping, car, topk=0.25)[0, 0], torch.tensor(0.5))
+    torch.testing.assert_close(FT.tag_scores(logits, grouping, car, topk=0.5)[0, 0], (0.5 + p_car) / 2)
+    assert logits.softmax(-1)[0, :, 1].amax() > 0.99  # a max over groups would have called car present
+    # an absent tag pushes car down in the patches that score it, not in the empty group
+    score = FT.tag_scores(logits, grouping, car, topk=0.25)
+    torch.nn.functional.binary_cross_entropy(score, torch.zeros_like(score)).backward()
+    g = logits.grad[0, :, 1]
+    assert g[2] > 0 and g[0] == 0  # gradient descent lowers group 2's car logit; group 0 is untouched
+
+
+def test_complementary_loss_gives_unclaimed_pixels_to_the_tagged_weak_classes():
+    torch.manual_seed(0)
+    logp = torch.randn(2, 4, 2, 3).log_softmax(1)  # classes 0, 1 base; 2, 3 weak
+    target = torch.tensor([[[0, 255, 1], [1, 0, 255]], [[255, 0, 1], [1, 1, 0]]])
+    tags = torch.tensor([[1.0, 0.0], [0.0, 0.0]])  # image 0 shows weak class 2; image 1 no weak class
+    weak = torch.tensor([2, 3])
+    expect = -(logp[0, 2, 0, 1] + logp[0, 2, 1, 2]) / 12  # image 0's two unclaimed pixels, class 2 only, over all 12
+    torch.testing.assert_close(FT.complementary_loss(logp, target, weak, tags), expect)
+    both = torch.tensor([[1.0, 1.0], [0.0, 0.0]])  # both weak classes tagged: either may explain the pixel
+    expect = -(torch.logaddexp(logp[0, 2, 0, 1], logp[0, 3, 0, 1]) + torch.logaddexp(logp[0, 2, 1, 2], logp[0, 3, 1, 2])) / 12
+    torch.testing.assert_close(FT.complementary_loss(logp, target, weak, both), expect)
+    assert FT.complementary_loss(logp, target, weak, torch.zeros(2, 2)) == 0  # no weak tag anywhere: no term
 
 
 def test_assign_scale_sharpens_without_moving_segments_and_survives_export(tiny_weights, tmp_path):

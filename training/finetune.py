@@ -20,11 +20,13 @@ Modes:
   negative of each anchor pulls same-class patches together ("match"); then the per-pixel loss.
 - ``--weak-classes`` (weak-shot, after SimFormer, NeurIPS 2022): those classes' pixel labels are
   hidden (set to ignore before anything reaches a loss) and only their image-level tags are
-  kept. Groups act as class-agnostic proposals learnt from base-class pixels; a multiple-instance
-  tag loss on the proposals' class probabilities (max over groups) names the weak classes, and
-  a pixel-pixel similarity head trained on base-class patch pairs supervises, as a complementary
-  loss, whether two patches share a class in images where labels are hidden. ``--weak-loss none``
-  is the base-only baseline: weak classes get no signal at all.
+  kept (those of each training crop). Groups act as class-agnostic proposals learnt from
+  base-class pixels; a multiple-instance tag loss on the proposals' class probabilities, pooled
+  over the patches each group owns (``--tag-topk``: the best 2 %), names the weak classes;
+  SimFormer's complementary loss gives the pixels no base label claims to the union of the
+  crop's tagged weak classes (``--comp-weight``); and a pixel-pixel similarity head trained on
+  base-class patch pairs supervises whether two patches share a class where labels are hidden.
+  ``--weak-loss none`` is the base-only baseline: weak classes get no signal at all.
 
 The output directory holds ordinary groupseg weights (``config.json`` + ``model.safetensors``):
 the fine-tuned classes keep their tuned classifier, any other word goes through the text tower.
@@ -96,6 +98,8 @@ class FinetuneConfig:
     margin: float = 0.3  # triplet margin (cosine distance)
     patches_per_class: int = 32  # mix-match / similarity: patches sampled per class per batch
     tag_weight: float = 0.5
+    comp_weight: float = 1.0  # weak-shot complementary loss (pixels no base class claims -> the tagged weak classes)
+    tag_topk: float = 0.02  # weak-shot tag loss: pool the top 2 % of patches (area-weighted groups) per class
     sim_weight: float = 0.5
     templates: str = DEFAULT_TEMPLATES  # prompt templates for the initial classifier
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
@@ -193,7 +197,8 @@ class LabelledImages(torch.utils.data.Dataset):
     """Random-scale, random-crop, flip samples of a segmentation split.
 
     Each item is ``pixels`` (3, S, S) normalised, ``target`` (S, S) int64 with weak classes
-    hidden, and ``tags`` (C,) image-level presence from the full label map. Augmentation draws
+    hidden, and ``tags`` (C,) presence of each class in the crop, from its label map before hiding
+    (tags of the whole photo would name cars and people the crop does not show). Augmentation draws
     from an RNG seeded by (seed, epoch, index): runs and resumed runs see the same crops.
     """
 
@@ -216,13 +221,11 @@ class LabelledImages(torch.utils.data.Dataset):
         full = vocab_targets(self.ds, sample)
         if full.shape != (img.height, img.width):
             raise ValueError(f"{sample.label}: label map {full.shape[::-1]} does not match image {img.size}")
-        tags = image_tags(full, len(self.ds.vocab))
-        target = hide_classes(full, self.hidden)
         rng = np.random.default_rng([cfg.seed, self.epoch, self.indices[i]])
         s = cfg.short_side * rng.uniform(*cfg.scale_range) / min(img.size)
         w, h = max(1, round(img.width * s)), max(1, round(img.height * s))
         img = img.resize((w, h), Image.BILINEAR)
-        lab = Image.fromarray(target.astype(np.uint8)).resize((w, h), Image.NEAREST)
+        lab = Image.fromarray(full.astype(np.uint8)).resize((w, h), Image.NEAREST)
         px = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
         t = torch.from_numpy(np.asarray(lab, dtype=np.uint8).astype(np.int64))
         S = cfg.crop_size
@@ -236,7 +239,12 @@ class LabelledImages(torch.utils.data.Dataset):
         if rng.random() < 0.5:
             px, t = px.flip(-1), t.flip(-1)
         px = (px.float() / 255.0 - self.mean) / self.std
-        return {"pixels": px, "target": t.contiguous(), "tags": torch.from_numpy(tags)}
+        # the crop is the image the model sees: its tags come from its own (full) label map, then
+        # the weak classes' pixels are hidden
+        full = t.numpy()
+        tags = image_tags(full, len(self.ds.vocab))
+        target = torch.from_numpy(hide_classes(full, self.hidden))
+        return {"pixels": px, "target": target, "tags": torch.from_numpy(tags)}
 
 
 # --------------------------------------------------------------------------- model
@@ -297,13 +305,51 @@ def pixel_log_probs(group_logits: torch.Tensor, grouping: torch.Tensor, size: tu
     ``hard``: p(g | patch) is the one-hot argmax group (the segment inference gives the patch) in
     the forward pass, with the soft assignment's gradient (straight-through).
     """
-    grouping = grouping.float()
-    if hard:
-        one_hot = torch.zeros_like(grouping).scatter_(1, grouping.argmax(1, keepdim=True), 1.0)
-        grouping = one_hot - grouping.detach() + grouping
-    grouping = F.interpolate(grouping, size=size, mode="bilinear", align_corners=False)
+    grouping = F.interpolate(patch_groups(grouping, hard), size=size, mode="bilinear", align_corners=False)
     probs = torch.einsum("bgc,bghw->bchw", group_logits.float().softmax(-1), grouping)
     return probs.clamp_min(1e-8).log()
+
+
+def patch_groups(grouping: torch.Tensor, hard: bool) -> torch.Tensor:
+    """p(group | patch) (B, G, h, w): soft, or the one-hot argmax group with the soft gradient (straight-through)."""
+    grouping = grouping.float()
+    if not hard:
+        return grouping
+    one_hot = torch.zeros_like(grouping).scatter_(1, grouping.argmax(1, keepdim=True), 1.0)
+    return one_hot - grouping.detach() + grouping
+
+
+def tag_scores(group_logits: torch.Tensor, grouping: torch.Tensor, classes: torch.Tensor, topk: float, hard: bool = True) -> torch.Tensor:
+    """Image-level presence score of ``classes`` from the groups (B, len(classes)), in (0, 1).
+
+    Multiple-instance pooling over groups weighted by their area: each patch carries the class
+    probabilities of its (argmax) group, and the score is the mean of the ``topk`` fraction of
+    patches with the highest probability. A group that owns no patch cannot explain a tag, and
+    an absent tag pushes down every patch that scores high.
+    """
+    probs = torch.einsum("bgc,bgn->bcn", group_logits.float().softmax(-1)[..., classes], patch_groups(grouping, hard).flatten(2))
+    k = max(1, round(topk * probs.shape[-1]))
+    return probs.topk(k, dim=-1).values.mean(-1).clamp(1e-6, 1 - 1e-6)
+
+
+def complementary_loss(log_probs: torch.Tensor, target: torch.Tensor, weak: torch.Tensor, weak_tags: torch.Tensor) -> torch.Tensor:
+    """SimFormer's complementary loss: what no base class claims belongs to the image's weak classes.
+
+    ``log_probs`` (B, C, H, W), ``target`` (B, H, W) with weak classes hidden, ``weak_tags``
+    (B, W) presence of the weak classes in each image. Every pixel no base label covers (hidden
+    weak pixels and void alike: the target says only ``IGNORE``) in an image tagged with some weak
+    class gets -log sum_{tagged weak c} p(c | pixel); which weak class it is stays to the tag and
+    similarity losses.
+    """
+    tagged = weak_tags > 0
+    pix = (target == IGNORE) & tagged.any(1)[:, None, None]
+    if not pix.any():
+        return log_probs.sum() * 0.0
+    # untagged classes drop out (a large finite penalty, not -inf: images with no tag would give NaN gradients)
+    lp = log_probs[:, weak].float() + torch.where(tagged, 0.0, -1e4)[:, :, None, None]
+    # summed over those pixels, divided by all pixels: each pixel weighs as much as a labelled one
+    # (a mean over the few unclaimed pixels alone would outweigh the per-pixel loss tenfold)
+    return -torch.logsumexp(lp, 1)[pix].sum() / pix.numel()
 
 
 def patch_labels(target: torch.Tensor, grid: tuple[int, int], purity: float = 0.5) -> torch.Tensor:
@@ -373,6 +419,10 @@ class Finetuner:
             raise ValueError(f"--objective must be ce or mix-match, got {cfg.objective!r}")
         if cfg.assign_scale < 0:
             raise ValueError(f"--assign-scale must be >= 0, got {cfg.assign_scale}")
+        if cfg.comp_weight < 0 or cfg.tag_weight < 0:
+            raise ValueError(f"--comp-weight and --tag-weight must be >= 0, got {cfg.comp_weight} and {cfg.tag_weight}")
+        if not 0 < cfg.tag_topk <= 1:
+            raise ValueError(f"--tag-topk must be in (0, 1], got {cfg.tag_topk}")
         if cfg.grouping_loss not in ("soft", "hard"):
             raise ValueError(f"--grouping-loss must be soft or hard, got {cfg.grouping_loss!r}")
         self.cfg = cfg
@@ -472,9 +522,11 @@ class Finetuner:
         terms["ce"] = self.pixel_loss(logp, target)
         if self.hidden and cfg.weak_loss == "tags":
             weak = torch.tensor(self.hidden, device=px.device)
-            # proposals = groups: an image has a weak class iff some group is that class
-            p_img = out["group_logits"].softmax(-1).amax(1)[:, weak].clamp(1e-6, 1 - 1e-6)  # (B, W)
+            # proposals = groups: an image has a weak class iff some of its segments are that class
+            p_img = tag_scores(out["group_logits"], out["grouping"], weak, cfg.tag_topk, cfg.grouping_loss == "hard")  # (B, W)
             terms["tag"] = cfg.tag_weight * F.binary_cross_entropy(p_img, tags[:, weak].float())
+            if cfg.comp_weight > 0:
+                terms["comp"] = cfg.comp_weight * complementary_loss(logp, target, weak, tags[:, weak])
             terms.update(self._similarity_terms(out, target, grid))
         return terms
 
@@ -667,6 +719,11 @@ def add_finetune_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--fraction", type=float, default=d.fraction, help="use this fraction of the labelled images, in (0, 1]")
     p.add_argument("--weak-classes", default="", help="comma-separated classes with image-level tags only")
     p.add_argument("--weak-loss", choices=["tags", "none"], default=d.weak_loss, help="none = base-only fine-tuning")
+    p.add_argument("--tag-weight", type=float, default=d.tag_weight, help="weight of the weak-shot tag loss")
+    p.add_argument("--comp-weight", type=float, default=d.comp_weight,
+                   help="weak-shot complementary loss: pixels no base class claims go to the image's tagged weak classes (0 = off)")
+    p.add_argument("--tag-topk", type=float, default=d.tag_topk,
+                   help="weak-shot tag loss: fraction of patches pooled per class (their mean scores the image)")
     p.add_argument("--objective", choices=["ce", "mix-match"], default=d.objective)
     p.add_argument("--groupings", type=int, default=d.groupings,
                    help="train on the first N grouping stages' segments (default 1: the first stage's; 0 = all)")
