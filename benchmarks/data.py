@@ -39,19 +39,8 @@ def flickr_shards(flickr: Path, n: int, out: Path) -> str:
 
 
 def noun_fns():
-    try:
-        from training import nouns
-
-        return None, None, "training.nouns (default)"
-    except ImportError:
-        def noun_fn(c):
-            return [w for w in c.lower().split() if len(w) > 3][:4]
-
-        def prompt_fn(c, ns, templates=("a photo of a {}.",), k=3, rng=None):
-            ns = ns or [c]
-            return [templates[0].format(ns[i % len(ns)]) for i in range(k)]
-
-        return noun_fn, prompt_fn, "stand-in (training/nouns.py missing)"
+    """The pipeline's own noun extraction (training.nouns: NLTK's tagger if its data is present)."""
+    return None, None, "training.nouns (default)"
 
 
 def run(urls: str, args, workers: int, normalize: bool = True) -> tuple[float, int]:

@@ -461,15 +461,7 @@ def test_flickr8k_real_images(tmp_path):
     stats = S.make_shards(FLICKR / "images", sub, tmp_path / "out", shard_size=8, val_fraction=0.2, workers=2, progress=False)
     assert stats["format"] == "flickr" and stats["images"] == 20 and stats["captions"] == len(lines) >= 100
     assert stats["samples"] == {"train": 16, "val": 4}
-    batches = list(pipeline(stats["urls"]["train"], image_size=64, noun_fn=None, prompt_fn=None)
-                   if _have_nouns() else pipeline(stats["urls"]["train"], image_size=64))
+    batches = list(pipeline(stats["urls"]["train"], image_size=64, noun_fn=None, prompt_fn=None))  # real nouns, offline
     assert sum(len(b["keys"]) for b in batches) == 16
     assert batches[0]["pixels"].shape == (4, 3, 64, 64)
 
-
-def _have_nouns() -> bool:
-    try:
-        import training.nouns  # noqa: F401
-    except ImportError:
-        return False
-    return True

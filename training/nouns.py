@@ -308,18 +308,15 @@ def nltk_tagger_resource() -> str | None:
 
 
 def _nltk_tags(tokens: Sequence[str]) -> list[str]:
-    resource = nltk_tagger_resource()
-    if resource is None:
-        try:
-            import nltk  # noqa: F401
-        except ImportError:
-            raise RuntimeError("nltk is not installed: pip install 'groupseg[train]', or use backend='offline'") from None
+    try:
+        import nltk
+    except ImportError:
+        raise RuntimeError("nltk is not installed: pip install 'groupseg[train]', or use backend='offline'") from None
+    if nltk_tagger_resource() is None:
         raise LookupError(
             f"NLTK resource '{NLTK_TAGGER_RESOURCES[0]}' not found on nltk.data.path: run "
             "`python -m nltk.downloader averaged_perceptron_tagger_eng`, or use backend='offline'"
         )
-    import nltk
-
     return [tag for _, tag in nltk.pos_tag(list(tokens))]
 
 
