@@ -47,4 +47,16 @@ if [ "${DEFAULT_RUN:-0}" = 1 ]; then
   groupseg finetune --dataset camvid --data-root "$DATA" "${W[@]}" --out "$OUT/ce-100pct-default" --resume auto
   echo "default settings, 367 images: $(( $(date +%s) - start )) s" | tee "$OUT/ce-100pct-default.time"
   ev ce-100pct-default "$OUT/ce-100pct-default"
+  # weak-shot and base-only at the default settings, timed the same way
+  for name in weak-shot base-only; do
+    extra=(); [ $name = base-only ] && extra=(--weak-loss none)
+    start=$(date +%s)
+    groupseg finetune --dataset camvid --data-root "$DATA" "${W[@]}" --out "$OUT/$name-default" --resume auto \
+      --weak-classes "car,pedestrian,bicyclist,fence" "${extra[@]}"
+    echo "$name, default settings: $(( $(date +%s) - start )) s" | tee "$OUT/$name-default.time"
+    ev "$name-default" "$OUT/$name-default"
+  done
+  python -m eval.compare --dataset camvid --data-root "$DATA" --split val --images 4 --out "$OUT/compare-default.png" \
+    --pred zero-shot="$OUT/pred-zero-shot" --pred "100 %"="$OUT/pred-ce-100pct-default" \
+    --pred weak-shot="$OUT/pred-weak-shot-default" --pred base-only="$OUT/pred-base-only-default"
 fi
