@@ -316,6 +316,18 @@ class Segmenter:
         grouping = F.interpolate(g["grouping"].float(), size=px.shape[-2:], mode="bilinear", align_corners=False)
         return probs, grouping[0].argmax(0)  # (h, w)
 
+    def _windows(self, px: torch.Tensor, text, owner, C, top_k) -> list[tuple[int, int, torch.Tensor, torch.Tensor]]:
+        """(y, x, segment class probabilities (G, C), segment index per pixel) of each window of ``px``."""
+        h, w = px.shape[-2:]
+        win, patch = self.window, self.cfg.vision.patch_size
+        windows = sliding_windows(h, w, win, max(patch, (win * 2 // 3) // patch * patch)) if win else [(0, 0)]
+        parts = []
+        for y, x in windows:
+            crop = px[:, y : y + win, x : x + win] if win else px
+            probs, gidx = self._window(crop, text, owner, C, top_k)
+            parts.append((y, x, probs.cpu(), gidx.cpu()))
+        return parts
+
     def segment(
         self,
         image: ImageLike,
@@ -344,29 +356,17 @@ class Segmenter:
         patch = self.cfg.vision.patch_size
         h, w = target_size(H0, W0, self.short_side, patch)
         px = to_tensor(img, (h, w), self.cfg.image_mean, self.cfg.image_std)
-        win = self.window
-        windows = sliding_windows(h, w, win, max(patch, (win * 2 // 3) // patch * patch)) if win else [(0, 0)]
-        parts = []
-        for y, x in windows:
-            crop = px[:, y : y + win, x : x + win] if win else px
-            probs, gidx = self._window(crop, text, owner, C, top_k)
-            parts.append((y, x, probs.cpu(), gidx.cpu()))
+        parts = self._windows(px, text, owner, C, top_k)
         t2 = time.perf_counter()
+
+        merged = _WindowMerge(parts, h, w) if len(parts) > 1 else None
 
         def scores_at(size: tuple[int, int], classes: slice | torch.Tensor = slice(None)) -> torch.Tensor:
             """Average window scores (c, h, w) at the resized resolution, then resize to ``size``."""
-            if len(parts) == 1:
+            if merged is None:
                 probs, gidx = parts[0][2], resize_nearest(parts[0][3], size)
                 return probs[:, classes].T[:, gidx]  # (c, H, W)
-            acc = count = None
-            for y, x, probs, gidx in parts:
-                s = probs[:, classes].T[:, gidx]  # (c, hw, ww)
-                if acc is None:
-                    acc = torch.zeros(s.shape[0], h, w)
-                    count = torch.zeros(h, w)
-                acc[:, y : y + s.shape[1], x : x + s.shape[2]] += s
-                count[y : y + s.shape[1], x : x + s.shape[2]] += 1
-            acc /= count
+            acc = merged.scores(classes).T[:, merged.region]  # (c, h, w)
             return F.interpolate(acc[None], size=size, mode="nearest")[0] if tuple(size) != (h, w) else acc
 
         refine = self.refine if refine is None else refine
@@ -383,16 +383,10 @@ class Segmenter:
             best, seg_label = probs.max(dim=1)  # per segment
             label = seg_label[gidx]
             conf = best[gidx]
-        else:  # running max over class chunks keeps memory bounded for large vocabularies
-            conf = torch.full((h, w), -1.0)
-            label = torch.zeros((h, w), dtype=torch.long)
-            for c0 in range(0, C, 64):
-                s = scores_at((h, w), slice(c0, c0 + 64))
-                v, i = s.max(0)
-                better = v > conf
-                conf = torch.where(better, v, conf)
-                label = torch.where(better, i + c0, label)
-            label, conf = resize_nearest(label, (H0, W0)), F.interpolate(conf[None, None], size=(H0, W0), mode="nearest")[0, 0]
+        else:  # best class per region of the window overlay, then per pixel
+            best, seg_label = merged.best()
+            label = resize_nearest(seg_label[merged.region], (H0, W0))
+            conf = F.interpolate(best[merged.region][None, None], size=(H0, W0), mode="nearest")[0, 0]
         small = C < BACKGROUND
         lm = label.numpy().astype(np.uint8 if small else np.int32)
         if threshold > 0:
@@ -400,3 +394,56 @@ class Segmenter:
         t3 = time.perf_counter()
         timing = {"text": t1 - t0, "model": t2 - t1, "total": t3 - t0}
         return SegmentationResult(lm, labels, img, timing, _scores_fn=lambda: scores_at((H0, W0)))
+
+
+
+class _WindowMerge:
+    """Overlapping windows' segment scores averaged per pixel, computed once per region.
+
+    Pixels that lie in the same segment of every window covering them get the same average, so
+    the overlay splits the image into a few thousand regions (``region``, (h, w) indices) and the
+    scores are averaged per region: (R, C) instead of (h * w, C) per window, exact (same sums).
+    """
+
+    def __init__(self, parts: list[tuple[int, int, torch.Tensor, torch.Tensor]], h: int, w: int) -> None:
+        region = torch.zeros(h, w, dtype=torch.long)
+        for y, x, probs, gidx in parts:  # refine the regions by each window's segments
+            hh, ww = gidx.shape
+            if region.max() >= 2**62 // (probs.shape[0] + 1):  # compact before the key could overflow
+                region = torch.unique(region, return_inverse=True)[1].view(h, w)
+            region = region * (probs.shape[0] + 1)  # 0 = outside this window, g + 1 = its segment g
+            region[y : y + hh, x : x + ww] += gidx + 1
+        region = torch.unique(region, return_inverse=True)[1].view(h, w)
+        flat = region.reshape(-1)
+        rep = torch.empty(int(flat.max()) + 1, dtype=torch.long).scatter_(0, flat, torch.arange(flat.numel()))
+        ys, xs = rep // w, rep % w  # one pixel of each region stands for all of it
+        self.region, self.parts = region, parts
+        self.members = []  # per window: which regions it covers, and their segment there
+        count = torch.zeros(len(rep))
+        for y, x, _, gidx in parts:
+            hh, ww = gidx.shape
+            inside = ((ys >= y) & (ys < y + hh) & (xs >= x) & (xs < x + ww)).nonzero().squeeze(1)
+            self.members.append((inside, gidx[ys[inside] - y, xs[inside] - x]))
+            count[inside] += 1
+        self.count = count
+
+    def scores(self, classes: slice | torch.Tensor = slice(None)) -> torch.Tensor:
+        """(R, c) mean score of each region over the windows covering it."""
+        acc = None
+        for (_, _, probs, _), (inside, seg) in zip(self.parts, self.members):
+            p = probs[:, classes]
+            if acc is None:
+                acc = p.new_zeros(len(self.count), p.shape[1])
+            acc.index_add_(0, inside, p[seg])
+        return acc / self.count[:, None]
+
+    def best(self, chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per region: the best mean score and its class; class chunks keep memory bounded."""
+        C = self.parts[0][2].shape[1]
+        conf = torch.full((len(self.count),), -1.0)
+        label = torch.zeros(len(self.count), dtype=torch.long)
+        for c0 in range(0, C, chunk):
+            v, i = self.scores(slice(c0, c0 + chunk)).max(1)
+            better = v > conf
+            conf, label = torch.where(better, v, conf), torch.where(better, i + c0, label)
+        return conf, label

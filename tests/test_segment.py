@@ -88,6 +88,29 @@ def test_sliding_window_and_large_images(tiny_weights):
     assert sliding_windows(32, 100, 32, 21) == [(0, 0), (0, 21), (0, 42), (0, 63), (0, 68)]
 
 
+def test_window_merge_per_region_is_the_per_pixel_average():
+    from groupseg.segment import _WindowMerge
+
+    g = torch.Generator().manual_seed(0)
+    h, w, win, C = 40, 70, 24, 9
+    parts = []
+    for y, x in sliding_windows(h, w, win, 16):
+        G = int(torch.randint(2, 6, (1,), generator=g))
+        parts.append((y, x, torch.rand(G, C, generator=g), torch.randint(0, G, (win, win), generator=g)))
+    acc, count = torch.zeros(C, h, w), torch.zeros(h, w)
+    for y, x, probs, gidx in parts:  # the definition: each covering window's segment score, averaged per pixel
+        acc[:, y : y + win, x : x + win] += probs.T[:, gidx]
+        count[y : y + win, x : x + win] += 1
+    ref = acc / count
+    m = _WindowMerge(parts, h, w)
+    assert int(m.region.max()) + 1 == len(m.count) < h * w  # fewer regions than pixels, indices compact
+    torch.testing.assert_close(m.scores().T[:, m.region], ref)
+    torch.testing.assert_close(m.scores(slice(3, 7)).T[:, m.region], ref[3:7])
+    conf, label = m.best(chunk=4)  # class chunks give the same winner
+    torch.testing.assert_close(conf[m.region], ref.max(0).values)
+    assert torch.equal(label[m.region], ref.argmax(0))
+
+
 def test_vocabulary_errors(seg, images):
     with pytest.raises(ValueError, match="empty vocabulary"):
         seg.segment(images / "rgb.png", [])
