@@ -130,9 +130,9 @@ def test_weak_pixels_never_reach_the_loss(tiny_weights, tmp_path, monkeypatch):
     real_comp = FT.complementary_loss
     comp_targets = []
 
-    def spy_comp(logp, target, weak, tags):
+    def spy_comp(logp, target, weak, tags, balance):
         comp_targets.append(target.clone())
-        return real_comp(logp, target, weak, tags)
+        return real_comp(logp, target, weak, tags, balance)
 
     monkeypatch.setattr(ft, "pixel_loss", spy)
     monkeypatch.setattr(FT, "complementary_loss", spy_comp)
@@ -222,6 +222,8 @@ def test_cli_bad_input_is_one_line(tiny_weights, tmp_path, capsys):
     assert "--assign-scale must be >= 0, got -1.0" in err and len(err.splitlines()) == 1
     assert main(common + ["--weak-classes", "car", "--tag-topk", "0"]) == 2
     assert "--tag-topk must be in (0, 1], got 0.0" in capsys.readouterr().err
+    assert main(common + ["--weak-classes", "car", "--comp-balance", "-0.5"]) == 2
+    assert "--comp-balance must be >= 0, got -0.5" in capsys.readouterr().err
     (root / "val").mkdir()
     assert main(common + ["--split", "val"]) == 2
     err = capsys.readouterr().err.strip()
@@ -274,6 +276,29 @@ def test_complementary_loss_gives_unclaimed_pixels_to_the_tagged_weak_classes():
     expect = -(torch.logaddexp(logp[0, 2, 0, 1], logp[0, 3, 0, 1]) + torch.logaddexp(logp[0, 2, 1, 2], logp[0, 3, 1, 2])) / 12
     torch.testing.assert_close(FT.complementary_loss(logp, target, weak, both), expect)
     assert FT.complementary_loss(logp, target, weak, torch.zeros(2, 2)) == 0  # no weak tag anywhere: no term
+
+
+def test_balanced_complementary_loss_lets_a_minority_tagged_class_win_where_it_is_likely():
+    # one image, all 4 pixels unclaimed, classes 0 base, 1 "car", 2 "fence"; both weak classes tagged;
+    # car holds most of the mass everywhere, fence is relatively likely at pixel 3 only
+    probs = torch.tensor([[1e-6, 0.9, 0.1], [1e-6, 0.9, 0.1], [1e-6, 0.9, 0.1], [1e-6, 0.6, 0.4]])
+    logits = probs.log().T.reshape(1, 3, 2, 2).clone().requires_grad_(True)
+    target = torch.full((1, 2, 2), 255)
+    weak, tags = torch.tensor([1, 2]), torch.tensor([[1.0, 1.0]])
+
+    def fence_grad(balance):
+        loss = FT.complementary_loss(logits.log_softmax(1), target, weak, tags, balance)
+        (g,) = torch.autograd.grad(loss, logits)
+        return g[0, 2].reshape(-1)  # d loss / d fence logit, per pixel
+
+    plain = fence_grad(0.0)
+    torch.testing.assert_close(plain, torch.zeros(4), atol=1e-5, rtol=0)  # weak mass is already 1: nothing to move
+    balanced = fence_grad(1.0)
+    assert (balanced < 0).all()  # descent gives the minority tagged class mass ...
+    assert balanced[3] < balanced[:3].min() - 0.02  # ... most where it is relatively likely
+    # by hand: fence mass 0.175, car 0.825; pixel 3's target 0.4 / 0.175 vs 0.6 / 0.825 -> fence 0.759
+    torch.testing.assert_close(balanced[3], torch.tensor((0.4 - 0.759) / 4), atol=1e-3, rtol=0)
+    torch.testing.assert_close(fence_grad(1e-9), plain, atol=1e-6, rtol=0)  # balance -> 0 is the plain loss
 
 
 def test_assign_scale_sharpens_without_moving_segments_and_survives_export(tiny_weights, tmp_path):

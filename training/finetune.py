@@ -24,7 +24,8 @@ Modes:
   base-class pixels; a multiple-instance tag loss on the proposals' class probabilities, pooled
   over the patches each group owns (``--tag-topk``: the best 2 %), names the weak classes;
   SimFormer's complementary loss gives the pixels no base label claims to the union of the
-  crop's tagged weak classes (``--comp-weight``); and a pixel-pixel similarity head trained on
+  crop's tagged weak classes (``--comp-weight``), with class-balanced targets (``--comp-balance``)
+  so the easiest tagged class does not take them all; and a pixel-pixel similarity head trained on
   base-class patch pairs supervises whether two patches share a class where labels are hidden.
   ``--weak-loss none`` is the base-only baseline: weak classes get no signal at all.
 
@@ -100,6 +101,7 @@ class FinetuneConfig:
     tag_weight: float = 0.5
     comp_weight: float = 1.0  # weak-shot complementary loss (pixels no base class claims -> the tagged weak classes)
     tag_topk: float = 0.02  # weak-shot tag loss: pool the top 2 % of patches (area-weighted groups) per class
+    comp_balance: float = 0.5  # complementary loss: divide each tagged class's share by its mass in the image ** this
     sim_weight: float = 0.5
     templates: str = DEFAULT_TEMPLATES  # prompt templates for the initial classifier
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
@@ -332,7 +334,8 @@ def tag_scores(group_logits: torch.Tensor, grouping: torch.Tensor, classes: torc
     return probs.topk(k, dim=-1).values.mean(-1).clamp(1e-6, 1 - 1e-6)
 
 
-def complementary_loss(log_probs: torch.Tensor, target: torch.Tensor, weak: torch.Tensor, weak_tags: torch.Tensor) -> torch.Tensor:
+def complementary_loss(log_probs: torch.Tensor, target: torch.Tensor, weak: torch.Tensor, weak_tags: torch.Tensor,
+                       balance: float = 0.0) -> torch.Tensor:
     """SimFormer's complementary loss: what no base class claims belongs to the image's weak classes.
 
     ``log_probs`` (B, C, H, W), ``target`` (B, H, W) with weak classes hidden, ``weak_tags``
@@ -340,6 +343,14 @@ def complementary_loss(log_probs: torch.Tensor, target: torch.Tensor, weak: torc
     weak pixels and void alike: the target says only ``IGNORE``) in an image tagged with some weak
     class gets -log sum_{tagged weak c} p(c | pixel); which weak class it is stays to the tag and
     similarity losses.
+
+    Its gradient is that of a cross-entropy against the model's own posterior over the tagged
+    classes, q(c | pixel) = p(c | pixel) / sum_tagged p, so the class already claiming most of the
+    unclaimed pixels (car, in CamVid) keeps claiming them. ``balance`` > 0 divides q by each
+    class's mean q over the image's unclaimed pixels to the power ``balance`` (class-balanced
+    self-training, after Zou et al. 2018) and renormalises, then uses the cross-entropy against that
+    fixed target: a tagged class with little mass wins the pixels where it is relatively likely.
+    ``balance`` = 0 is the plain loss (same gradient).
     """
     tagged = weak_tags > 0
     pix = (target == IGNORE) & tagged.any(1)[:, None, None]
@@ -347,9 +358,19 @@ def complementary_loss(log_probs: torch.Tensor, target: torch.Tensor, weak: torc
         return log_probs.sum() * 0.0
     # untagged classes drop out (a large finite penalty, not -inf: images with no tag would give NaN gradients)
     lp = log_probs[:, weak].float() + torch.where(tagged, 0.0, -1e4)[:, :, None, None]
+    if balance > 0:
+        with torch.no_grad():
+            q = lp.softmax(1)  # (B, W, H, W') posterior over the tagged weak classes
+            mask = pix[:, None].float()
+            mass = (q * mask).sum((2, 3)) / mask.sum((2, 3)).clamp(min=1)  # (B, W) share of the unclaimed pixels
+            q = q / mass.clamp(min=1e-4)[:, :, None, None] ** balance
+            q = q / q.sum(1, keepdim=True)
+        per_pixel = -(q * lp.clamp(min=-1e4)).sum(1)
+    else:
+        per_pixel = -torch.logsumexp(lp, 1)
     # summed over those pixels, divided by all pixels: each pixel weighs as much as a labelled one
     # (a mean over the few unclaimed pixels alone would outweigh the per-pixel loss tenfold)
-    return -torch.logsumexp(lp, 1)[pix].sum() / pix.numel()
+    return per_pixel[pix].sum() / pix.numel()
 
 
 def patch_labels(target: torch.Tensor, grid: tuple[int, int], purity: float = 0.5) -> torch.Tensor:
@@ -421,6 +442,8 @@ class Finetuner:
             raise ValueError(f"--assign-scale must be >= 0, got {cfg.assign_scale}")
         if cfg.comp_weight < 0 or cfg.tag_weight < 0:
             raise ValueError(f"--comp-weight and --tag-weight must be >= 0, got {cfg.comp_weight} and {cfg.tag_weight}")
+        if cfg.comp_balance < 0:
+            raise ValueError(f"--comp-balance must be >= 0, got {cfg.comp_balance}")
         if not 0 < cfg.tag_topk <= 1:
             raise ValueError(f"--tag-topk must be in (0, 1], got {cfg.tag_topk}")
         if cfg.grouping_loss not in ("soft", "hard"):
@@ -526,7 +549,7 @@ class Finetuner:
             p_img = tag_scores(out["group_logits"], out["grouping"], weak, cfg.tag_topk, cfg.grouping_loss == "hard")  # (B, W)
             terms["tag"] = cfg.tag_weight * F.binary_cross_entropy(p_img, tags[:, weak].float())
             if cfg.comp_weight > 0:
-                terms["comp"] = cfg.comp_weight * complementary_loss(logp, target, weak, tags[:, weak])
+                terms["comp"] = cfg.comp_weight * complementary_loss(logp, target, weak, tags[:, weak], cfg.comp_balance)
             terms.update(self._similarity_terms(out, target, grid))
         return terms
 
@@ -722,6 +745,8 @@ def add_finetune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tag-weight", type=float, default=d.tag_weight, help="weight of the weak-shot tag loss")
     p.add_argument("--comp-weight", type=float, default=d.comp_weight,
                    help="weak-shot complementary loss: pixels no base class claims go to the image's tagged weak classes (0 = off)")
+    p.add_argument("--comp-balance", type=float, default=d.comp_balance,
+                   help="complementary loss: share each tagged weak class gets, divided by its image-wide mass ** this (0 = off)")
     p.add_argument("--tag-topk", type=float, default=d.tag_topk,
                    help="weak-shot tag loss: fraction of patches pooled per class (their mean scores the image)")
     p.add_argument("--objective", choices=["ce", "mix-match"], default=d.objective)
