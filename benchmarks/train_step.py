@@ -2,6 +2,7 @@
 
     python benchmarks/train_step.py                       # published gvit-s 2-stage, batch 8, 224 px
     python benchmarks/train_step.py --batch 4 --steps 5 --threads 2
+    python benchmarks/train_step.py --compile             # also groupseg under torch.compile (inductor)
 
 Forward + contrastive loss + backward + AdamW step, alternating the two implementations after a
 warm-up, in fp32 and under bf16 autocast. Both sides step the same optimizer: fused AdamW, the default
@@ -167,6 +168,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--optimizer", choices=["fused", "plain"], default="fused", help="AdamW for both implementations")
     p.add_argument("--memory-only", action="store_true", help="only the peak-memory part")
+    p.add_argument("--compile", action="store_true",
+                   help="also time groupseg under torch.compile (inductor; compile time printed, not in the step time)")
     p.add_argument("--optimizer-only", action="store_true", help="only the AdamW step: per-tensor loop vs foreach vs fused")
     p.add_argument("--memory-child", choices=["transformers", "groupseg"], help=argparse.SUPPRESS)
     p.add_argument("--bf16", action="store_true", help=argparse.SUPPRESS)
@@ -183,6 +186,7 @@ def main() -> None:
     from groupseg.tokenizer import tokenize
 
     hf, ours = build_pair(args)
+    compiled = torch.compile(ours) if args.compile else None
     px = torch.randn(args.batch, 3, 224, 224)
     ids = tokenize([f"a photo of a thing number {i}" for i in range(args.batch)])
     print(f"machine: {platform.processor() or platform.machine()}, {args.threads} threads, torch {torch.__version__}, "
@@ -200,6 +204,12 @@ def main() -> None:
             opt = make_optimizer(model, args.optimizer)
             fns[kind] = step_fn(kind.split("-")[0], model, opt, px, ids, bf16, dts)
         n_flops = {k: flops(f) for k, f in fns.items()}  # each counts its own work (transformers pads text to 77)
+        if args.compile:  # same parameters, its own optimizer; the first two calls compile forward and backward
+            fns["groupseg-compiled"] = step_fn("groupseg", compiled, make_optimizer(ours, args.optimizer), px, ids, bf16)
+            t0 = time.perf_counter()
+            fns["groupseg-compiled"]()
+            print(f"torch.compile of groupseg's train step ({'bf16' if bf16 else 'fp32'}): {time.perf_counter() - t0:.0f} s")
+            n_flops["groupseg-compiled"] = n_flops["groupseg"]  # the same model work
         times = {k: [] for k in fns}
         for _ in range(args.warmup):
             for f in fns.values():
@@ -219,6 +229,9 @@ def main() -> None:
               f"(groupseg attention: {'plain matmuls' if matmul else 'scaled_dot_product_attention'})")
         print(f"  ratio {alt[0]}/transformers speed: {med['transformers'] / med[alt[0]]:.2f}x; "
               f"matmul attention vs SDPA: {(med['groupseg-sdpa'] / med['groupseg']) if matmul else (med['groupseg'] / med['groupseg-matmul']):.2f}x")
+        if args.compile:
+            print(f"  ratio groupseg-compiled/transformers speed: {med['transformers'] / med['groupseg-compiled']:.2f}x; "
+                  f"compiled vs eager groupseg: {med['groupseg'] / med['groupseg-compiled']:.2f}x")
     peak_memory(args.batch, args.threads, args.optimizer)
     print("\nCUDA rows: not measured (no GPU in this run)")
 
