@@ -16,8 +16,9 @@ and no Gumbel noise while tuning; the exported model segments in windows of the 
 Modes:
 - ``ce``: per-pixel negative log-likelihood only.
 - ``mix-match`` (Zhan et al., AAAI 2018): first, patches sampled from all labelled images of
-  a batch ("mix") form a class-wise graph; a triplet loss with the hardest positive and
-  negative of each anchor pulls same-class patches together ("match"); then the per-pixel loss.
+  a batch ("mix") form a class-wise graph; a triplet loss on their first-stage tokens over every
+  same-class pair, with semi-hard negatives, pulls same-class patches together ("match"); then the
+  per-pixel loss.
 - ``--weak-classes`` (weak-shot, after SimFormer, NeurIPS 2022): those classes' pixel labels are
   hidden (set to ignore before anything reaches a loss) and only their image-level tags are
   kept (those of each training crop). Groups act as class-agnostic proposals learnt from
@@ -96,7 +97,7 @@ class FinetuneConfig:
     short_side: int = 448  # images are resized to this short side (times a random scale) ...
     scale_range: tuple[float, float] = (0.75, 1.5)
     crop_size: int = 256  # ... then randomly cropped to this square
-    margin: float = 0.3  # triplet margin (cosine distance)
+    margin: float = 0.3  # triplet margin (Euclidean distance of centred, normalised features)
     patches_per_class: int = 32  # mix-match / similarity: patches sampled per class per batch
     tag_weight: float = 0.5
     comp_weight: float = 1.0  # weak-shot complementary loss (pixels no base class claims -> the tagged weak classes)
@@ -395,25 +396,33 @@ def sample_patches(labels: torch.Tensor, per_class: int, gen: torch.Generator) -
 
 
 def triplet_loss(feats: torch.Tensor, labels: torch.Tensor, margin: float) -> torch.Tensor:
-    """Batch-hard triplet loss on cosine distance: each anchor's farthest positive vs nearest negative."""
+    """Triplet loss over every anchor-positive pair, with semi-hard negatives.
+
+    Features are centred over the sampled patches and L2-normalised; the distance is Euclidean on
+    the unit sphere (0-2, about the angle for small angles). For each pair (a, p) the negative is
+    the nearest different-class sample farther from a than p (FaceNet's semi-hard choice), or the
+    farthest negative when none is. The first version (cosine distance, hardest negative and
+    positive per anchor) collapsed the shipped model's features to one point within 100 steps on
+    CamVid (loss stuck at the margin, every pixel labelled alike): its patch features start nearly
+    parallel, where cosine distance is flat (its gradient vanishes with the angle) and the
+    hardest negatives push less than the positives pull.
+    """
     if feats.shape[0] < 2 or labels.unique().numel() < 2:
         return feats.sum() * 0.0
-    f = F.normalize(feats, dim=-1)
-    d = 1.0 - f @ f.T
+    f = feats.float()
+    f = F.normalize(f - f.mean(0, keepdim=True), dim=-1)
+    d = (2.0 - 2.0 * f @ f.T).clamp_min(1e-8).sqrt()  # (N, N)
     same = labels[:, None] == labels[None, :]
     eye = torch.eye(len(labels), dtype=torch.bool, device=labels.device)
-    pos = d.masked_fill(~same | eye, float("-inf")).amax(1)
-    neg = d.masked_fill(same, float("inf")).amin(1)
-    ok = torch.isfinite(pos) & torch.isfinite(neg)
-    if not ok.any():
+    pairs = same & ~eye & (~same).any(1, keepdim=True)  # (a, p) with some negative for a
+    if not pairs.any():
         return feats.sum() * 0.0
-    return F.relu(pos[ok] - neg[ok] + margin).mean()
-
-
-def dense_group_features(out: dict[str, torch.Tensor]) -> torch.Tensor:
-    """(B, h*w, D): each patch's mixture of its groups' embeddings (what the classifier sees)."""
-    grouping = out["grouping"].flatten(2)  # (B, G, N)
-    return torch.einsum("bgn,bgd->bnd", grouping, out["group_embeds"])
+    d_ap = d[:, :, None]  # (a, p, 1)
+    d_an = d.masked_fill(same, float("nan"))[:, None, :]  # (a, 1, n), NaN where n is not a negative
+    semi = torch.where(d_an > d_ap, d_an, float("inf")).amin(-1)  # (a, p): nearest negative beyond p
+    easiest = d.masked_fill(same, float("-inf")).amax(1, keepdim=True).expand_as(semi)
+    d_neg = torch.where(torch.isfinite(semi), semi, easiest)
+    return F.relu(d - d_neg + margin)[pairs].mean()
 
 
 def _pairs(n: int, k: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -538,7 +547,10 @@ class Finetuner:
         if epoch < self.mix_epochs:  # mix-and-match stage: triplets over patches of all images in the batch
             lab = patch_labels(target, tuple(grid))
             idx = sample_patches(lab, cfg.patches_per_class, self.gen).to(px.device)
-            feats = dense_group_features(out).reshape(-1, out["group_embeds"].shape[-1])
+            # the first stage's patch tokens, which the grouping reads: group-pooled features are equal
+            # for all patches of a segment, so a different-class patch in the same segment is a negative
+            # at distance 0 with no gradient, only the positives pull, and the features collapse
+            feats = out["patch_tokens"].reshape(-1, out["patch_tokens"].shape[-1])
             terms["triplet"] = triplet_loss(feats[idx], lab.reshape(-1)[idx], cfg.margin)
             return terms
         logp = pixel_log_probs(out["group_logits"], out["grouping"], tuple(target.shape[-2:]), cfg.grouping_loss == "hard")
