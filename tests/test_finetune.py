@@ -86,6 +86,24 @@ def test_patch_labels_majority_and_triplet_loss():
     assert mixed == pytest.approx(0.3, abs=1e-3)
 
 
+def test_triplet_loss_matches_a_brute_force_semi_hard_reference():
+    gen = torch.Generator().manual_seed(1)
+    feats = torch.randn(12, 5, generator=gen)
+    labels = torch.tensor([0, 0, 0, 0, 1, 1, 1, 2, 2, 2, 2, 3])  # class 3: a single sample, anchor of no pair
+    f = torch.nn.functional.normalize(feats - feats.mean(0), dim=-1)
+    d = torch.cdist(f, f)
+    losses = []
+    for a in range(12):
+        negs = [n for n in range(12) if labels[n] != labels[a]]
+        for p in range(12):
+            if p == a or labels[p] != labels[a]:
+                continue
+            beyond = [d[a, n] for n in negs if d[a, n] > d[a, p]]
+            d_neg = min(beyond) if beyond else max(d[a, n] for n in negs)  # semi-hard, else the farthest
+            losses.append(max(0.0, float(d[a, p] - d_neg + 0.3)))
+    assert FT.triplet_loss(feats, labels, margin=0.3).item() == pytest.approx(sum(losses) / len(losses), abs=1e-4)
+
+
 def test_triplet_stage_separates_classes_from_nearly_collapsed_features():
     # 3 classes x 8 samples, all within 0.01 of one direction (as the pretrained patch features are)
     gen = torch.Generator().manual_seed(0)
@@ -321,7 +339,32 @@ def test_balanced_complementary_loss_lets_a_minority_tagged_class_win_where_it_i
     assert balanced[3] < balanced[:3].min() - 0.02  # ... most where it is relatively likely
     # by hand: fence mass 0.175, car 0.825; pixel 3's target 0.4 / 0.175 vs 0.6 / 0.825 -> fence 0.759
     torch.testing.assert_close(balanced[3], torch.tensor((0.4 - 0.759) / 4), atol=1e-3, rtol=0)
-    torch.testing.assert_close(fence_grad(1e-9), plain, atol=1e-6, rtol=0)  # balance -> 0 is the plain loss
+    torch.testing.assert_close(fence_grad(1e-9), plain, atol=1e-6, rtol=0)  # balance -> 0 is the plain loss ...
+    value = lambda b: FT.complementary_loss(logits.log_softmax(1), target, weak, tags, b).item()  # noqa: E731
+    assert value(1e-9) == pytest.approx(value(0.0), abs=1e-6)  # ... in value too
+
+
+def test_balanced_complementary_loss_matches_a_per_image_per_pixel_reference():
+    # 2 images, classes 0 (base), 1-3 (weak); image 0 tagged {1, 2}, image 1 tagged {3} only; some pixels claimed
+    gen = torch.Generator().manual_seed(0)
+    logp = torch.randn(2, 4, 3, 3, generator=gen).log_softmax(1)
+    target = torch.full((2, 3, 3), 255)
+    target[0, 0, :] = 0
+    target[1, :, 0] = 0
+    weak, tags = torch.tensor([1, 2, 3]), torch.tensor([[1.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    total = 0.0
+    for b in range(2):
+        cls = [int(c) for c, t in zip(weak, tags[b]) if t > 0]
+        pix = [(i, j) for i in range(3) for j in range(3) if target[b, i, j] == 255]
+        q = {ij: torch.stack([logp[b, c][ij] for c in cls]).softmax(0) for ij in pix}
+        mass = torch.stack(list(q.values())).mean(0)  # each tagged class's mean share over this image's unclaimed pixels
+        for ij in pix:
+            t = q[ij] / mass**0.5
+            t = t / t.sum()
+            lp = torch.stack([logp[b, c][ij] for c in cls])
+            total += float((t * (t.log() - lp)).sum())
+    got = FT.complementary_loss(logp, target, weak, tags, 0.5)
+    assert got.item() == pytest.approx(total / target.numel(), rel=1e-5)
 
 
 def test_assign_scale_sharpens_without_moving_segments_and_survives_export(tiny_weights, tmp_path):

@@ -102,7 +102,7 @@ class FinetuneConfig:
     tag_weight: float = 0.5
     comp_weight: float = 1.0  # weak-shot complementary loss (pixels no base class claims -> the tagged weak classes)
     tag_topk: float = 0.02  # weak-shot tag loss: pool the top 2 % of patches (area-weighted groups) per class
-    comp_balance: float = 0.5  # complementary loss: divide each tagged class's share by its mass in the image ** this
+    comp_balance: float = 0.5  # complementary loss: divide each tagged class's share by its mean share of the unclaimed pixels ** this
     sim_weight: float = 0.5
     templates: str = DEFAULT_TEMPLATES  # prompt templates for the initial classifier
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
@@ -349,9 +349,9 @@ def complementary_loss(log_probs: torch.Tensor, target: torch.Tensor, weak: torc
     classes, q(c | pixel) = p(c | pixel) / sum_tagged p, so the class already claiming most of the
     unclaimed pixels (car, in CamVid) keeps claiming them. ``balance`` > 0 divides q by each
     class's mean q over the image's unclaimed pixels to the power ``balance`` (class-balanced
-    self-training, after Zou et al. 2018) and renormalises, then uses the cross-entropy against that
+    self-training, after Zou et al. 2018) and renormalises, then uses the KL divergence from that
     fixed target: a tagged class with little mass wins the pixels where it is relatively likely.
-    ``balance`` = 0 is the plain loss (same gradient).
+    ``balance`` -> 0 is the plain loss (same gradient, same value).
     """
     tagged = weak_tags > 0
     pix = (target == IGNORE) & tagged.any(1)[:, None, None]
@@ -366,7 +366,9 @@ def complementary_loss(log_probs: torch.Tensor, target: torch.Tensor, weak: torc
             mass = (q * mask).sum((2, 3)) / mask.sum((2, 3)).clamp(min=1)  # (B, W) share of the unclaimed pixels
             q = q / mass.clamp(min=1e-4)[:, :, None, None] ** balance
             q = q / q.sum(1, keepdim=True)
-        per_pixel = -(q * lp.clamp(min=-1e4)).sum(1)
+        # KL(q || p): the cross-entropy against q less q's entropy (same gradient), so the value is
+        # the plain loss's as balance -> 0 and 0 when the model matches its targets
+        per_pixel = (torch.special.xlogy(q, q) - q * lp.clamp(min=-1e4)).sum(1)
     else:
         per_pixel = -torch.logsumexp(lp, 1)
     # summed over those pixels, divided by all pixels: each pixel weighs as much as a labelled one
@@ -758,7 +760,7 @@ def add_finetune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--comp-weight", type=float, default=d.comp_weight,
                    help="weak-shot complementary loss: pixels no base class claims go to the image's tagged weak classes (0 = off)")
     p.add_argument("--comp-balance", type=float, default=d.comp_balance,
-                   help="complementary loss: share each tagged weak class gets, divided by its image-wide mass ** this (0 = off)")
+                   help="complementary loss: share each tagged weak class gets, divided by its mean share of the image's unclaimed pixels ** this (0 = off)")
     p.add_argument("--tag-topk", type=float, default=d.tag_topk,
                    help="weak-shot tag loss: fraction of patches pooled per class (their mean scores the image)")
     p.add_argument("--objective", choices=["ce", "mix-match"], default=d.objective)

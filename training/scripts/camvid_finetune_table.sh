@@ -48,6 +48,13 @@ if [ "${DEFAULT_RUN:-0}" = 1 ]; then
   groupseg finetune --dataset camvid --data-root "$DATA" "${W[@]}" --out "$OUT/ce-100pct-default" --resume auto
   echo "default settings, 367 images: $(( $(date +%s) - start )) s" | tee "$OUT/ce-100pct-default.time"
   ev ce-100pct-default "$OUT/ce-100pct-default"
+  # small label budgets at the default settings (at least 1,000 steps), ce and mix-match
+  for row in "ce-10pct-default --fraction 0.1" "mm-10pct-default --fraction 0.1 --objective mix-match" \
+             "ce-1pct-default --fraction 0.01" "mm-1pct-default --fraction 0.01 --objective mix-match"; do
+    set -- $row; name=$1; shift
+    groupseg finetune --dataset camvid --data-root "$DATA" "${W[@]}" --out "$OUT/$name" --resume auto "$@"
+    ev "$name" "$OUT/$name"
+  done
   # weak-shot and base-only at the default settings, timed the same way
   for name in weak-shot base-only; do
     extra=(); [ $name = base-only ] && extra=(--weak-loss none)
