@@ -29,7 +29,7 @@ def make_camvid_train(root: Path, n: int = 6, h: int = 32, w: int = 48) -> Path:
 def cfg_for(tmp_path: Path, weights: Path, root: Path, **kw) -> FT.FinetuneConfig:
     base = dict(dataset="camvid", data_root=str(root), split="train", weights=str(weights), out=str(tmp_path / "out"),
                 epochs=2, batch_size=2, crop_size=32, short_side=32, scale_range=(1.0, 1.25), workers=0,
-                precision="fp32", patches_per_class=4, templates="simple", log_every=1, min_steps=0)
+                precision="fp32", patches_per_class=4, templates="simple", log_every=1, min_steps=0, objective="ce")
     base.update(kw)
     return FT.FinetuneConfig(**base)
 

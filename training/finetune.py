@@ -15,7 +15,8 @@ and no Gumbel noise while tuning; the exported model segments in windows of the 
 
 Modes:
 - ``ce``: per-pixel negative log-likelihood only.
-- ``mix-match`` (Zhan et al., AAAI 2018): first, patches sampled from all labelled images of
+- ``mix-match`` (Zhan et al., AAAI 2018; the default: ahead of ``ce`` at 1, 10 and 100 % of the
+  CamVid labels at the default settings, 18.9 / 43.4 / 43.0 against 15.1 / 38.5 / 40.0 % mIoU): first, patches sampled from all labelled images of
   a batch ("mix") form a class-wise graph; a triplet loss on their first-stage tokens over every
   same-class pair, with semi-hard negatives, pulls same-class patches together ("match"); then the
   per-pixel loss.
@@ -79,7 +80,7 @@ class FinetuneConfig:
     fraction: float = 0.0  # or this fraction of them (0 = unset)
     weak_classes: str = ""  # comma-separated class labels with image-level tags only
     weak_loss: Literal["tags", "none"] = "tags"  # none = base-only fine-tuning
-    objective: Literal["ce", "mix-match"] = "ce"
+    objective: Literal["ce", "mix-match"] = "mix-match"  # ahead of ce at 1, 10 and 100 % of CamVid at the default settings
     groupings: int = 1  # segment with the first N grouping stages (1: the first stage's 64 groups; 0 = all)
     epochs: int = 30
     min_steps: int = 1000  # small subsets run more epochs, so that every budget gets at least this many steps
@@ -763,7 +764,8 @@ def add_finetune_args(p: argparse.ArgumentParser) -> None:
                    help="complementary loss: share each tagged weak class gets, divided by its mean share of the image's unclaimed pixels ** this (0 = off)")
     p.add_argument("--tag-topk", type=float, default=d.tag_topk,
                    help="weak-shot tag loss: fraction of patches pooled per class (their mean scores the image)")
-    p.add_argument("--objective", choices=["ce", "mix-match"], default=d.objective)
+    p.add_argument("--objective", choices=["ce", "mix-match"], default=d.objective,
+                   help="mix-match (default): triplets over patches of the labelled images for a third of the epochs, then per-pixel; ce: per-pixel only")
     p.add_argument("--groupings", type=int, default=d.groupings,
                    help="train on the first N grouping stages' segments (default 1: the first stage's; 0 = all)")
     p.add_argument("--epochs", type=int, default=d.epochs)
