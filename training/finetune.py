@@ -16,10 +16,10 @@ and no Gumbel noise while tuning; the exported model segments in windows of the 
 Modes:
 - ``ce``: per-pixel negative log-likelihood only.
 - ``mix-match`` (Zhan et al., AAAI 2018; the default: ahead of ``ce`` at 1, 10 and 100 % of the
-  CamVid labels at the default settings, 18.9 / 43.4 / 43.0 against 15.1 / 38.5 / 40.0 % mIoU): first, patches sampled from all labelled images of
-  a batch ("mix") form a class-wise graph; a triplet loss on their first-stage tokens over every
-  same-class pair, with semi-hard negatives, pulls same-class patches together ("match"); then the
-  per-pixel loss.
+  CamVid labels at the default settings, 18.9 / 43.4 / 43.0 against 15.1 / 38.5 / 40.0 % mIoU):
+  first, patches sampled from all labelled images of a batch ("mix") form a class-wise graph; a
+  triplet loss on their first-stage tokens over every same-class pair, with semi-hard negatives,
+  pulls same-class patches together ("match"); then the per-pixel loss.
 - ``--weak-classes`` (weak-shot, after SimFormer, NeurIPS 2022): those classes' pixel labels are
   hidden (set to ignore before anything reaches a loss) and only their image-level tags are
   kept (those of each training crop). Groups act as class-agnostic proposals learnt from
@@ -417,7 +417,7 @@ def triplet_loss(feats: torch.Tensor, labels: torch.Tensor, margin: float) -> to
     d = (2.0 - 2.0 * f @ f.T).clamp_min(1e-8).sqrt()  # (N, N)
     same = labels[:, None] == labels[None, :]
     eye = torch.eye(len(labels), dtype=torch.bool, device=labels.device)
-    pairs = same & ~eye & (~same).any(1, keepdim=True)  # (a, p) with some negative for a
+    pairs = same & ~eye  # (a, p); every anchor has a negative (two classes at least, checked above)
     if not pairs.any():
         return feats.sum() * 0.0
     d_ap = d[:, :, None]  # (a, p, 1)
