@@ -39,8 +39,8 @@ def flickr_shards(flickr: Path, n: int, out: Path) -> str:
 
 
 def noun_fns():
-    """The pipeline's own noun extraction (training.nouns: NLTK's tagger if its data is present)."""
-    return None, None, "training.nouns (default)"
+    """The pipeline's own noun extraction (groupseg.training.nouns: NLTK's tagger if its data is present)."""
+    return None, None, "groupseg.training.nouns (default)"
 
 
 def run(urls: str, args, workers: int, normalize: bool = True) -> tuple[float, int]:

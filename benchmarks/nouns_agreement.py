@@ -15,7 +15,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from training.nouns import extract_nouns, load_lexicon, nltk_tagger_resource
+from groupseg.training.nouns import extract_nouns, load_lexicon, nltk_tagger_resource
 
 SPLIT_FILES = {"dev": "Flickr_8k.devImages.txt", "train": "Flickr_8k.trainImages.txt"}
 

@@ -1,6 +1,6 @@
 """One picture comparing several models' predictions on the same images.
 
-    python -m eval.compare --dataset camvid --data-root ../shared/data/camvid --split val \\
+    python -m groupseg.eval.compare --dataset camvid --data-root ../shared/data/camvid --split val \\
         --pred zero-shot=preds/zs --pred "10 %"=preds/ft10 --pred "100 %"=preds/ft100 \\
         --images 4 --out docs/camvid-finetune-compare.png
 
@@ -85,7 +85,7 @@ def compare_picture(ds, preds: list[tuple[str, Path]], stems: Sequence[str], out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="eval.compare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="groupseg.eval.compare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", required=True, choices=list(DATASETS))
     p.add_argument("--data-root", required=True)
     p.add_argument("--split", default="val")
@@ -110,7 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             stems = [ds.samples[int(i)].stem for i in np.linspace(0, len(ds.samples) - 1, n).round()]
         print(compare_picture(ds, preds, stems, args.out))
     except (ValueError, FileNotFoundError) as e:
-        print(f"eval.compare: error: {e}", file=sys.stderr)
+        print(f"groupseg.eval.compare: error: {e}", file=sys.stderr)
         return 2
     return 0
 

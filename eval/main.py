@@ -503,7 +503,7 @@ def plot_confusion(mat: torch.Tensor, classes: Sequence[str], path: str | Path, 
 
 # ----------------------------------------------------------------------------- retrieval
 def run_retrieval(args: argparse.Namespace) -> int:
-    """Flickr8k image-text retrieval: recall@1/5/10 both ways (``eval.retrieval.recall_at_k``)."""
+    """Flickr8k image-text retrieval: recall@1/5/10 both ways (``groupseg.eval.retrieval.recall_at_k``)."""
     from tqdm import tqdm
 
     from .retrieval import recall_at_k
@@ -556,7 +556,7 @@ def run_retrieval(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m eval.main ...``: the same as ``groupseg eval ...``."""
+    """``python -m groupseg.eval.main ...``: the same as ``groupseg eval ...``."""
     from groupseg.cli import main as cli_main
 
     return cli_main(["eval", *(sys.argv[1:] if argv is None else argv)])

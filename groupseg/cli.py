@@ -184,7 +184,7 @@ EXAMPLES = """examples:
   groupseg eval --dataset camvid --data-root ../shared/data/camvid --split val
   groupseg convert nvidia-groupvit-dir/ my-weights/
   groupseg make-shards --images flickr8k/images --captions Flickr8k.token.txt --out shards/
-  groupseg train --config training/configs/flickr8k-tiny.yaml
+  groupseg train --config tiny-cpu
   groupseg finetune --dataset camvid --data-root ../shared/data/camvid --fraction 0.1 --out runs/ft-camvid-10
 """
 
@@ -228,10 +228,10 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_info)
 
     lazy = {
-        "make-shards": ("training.shards", "add_make_shards_args", "run_make_shards", "build webdataset shards from images + captions"),
-        "train": ("training.main", "add_train_args", "run_train", "pretrain GroupViT from image-text shards"),
-        "eval": ("eval.main", "add_eval_args", "run_eval", "evaluate zero-shot segmentation or retrieval"),
-        "finetune": ("training.finetune", "add_finetune_args", "run_finetune",
+        "make-shards": ("groupseg.training.shards", "add_make_shards_args", "run_make_shards", "build webdataset shards from images + captions"),
+        "train": ("groupseg.training.main", "add_train_args", "run_train", "pretrain GroupViT from image-text shards"),
+        "eval": ("groupseg.eval.main", "add_eval_args", "run_eval", "evaluate zero-shot segmentation or retrieval"),
+        "finetune": ("groupseg.training.finetune", "add_finetune_args", "run_finetune",
                      "fine-tune on a few pixel-labelled images (ce, mix-match) or image tags (weak-shot)"),
     }
     wanted = argv[0] if argv else None

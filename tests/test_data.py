@@ -297,7 +297,7 @@ def test_uint8_pixels_normalised_later_match(dataset):
 
 
 def test_default_noun_extractor(dataset):
-    pytest.importorskip("training.nouns", reason="training/nouns.py not written yet")
+    pytest.importorskip("groupseg.training.nouns", reason="training/nouns.py not written yet")
     root, _, stats = dataset
     batch = next(iter(pipeline(stats["urls"]["train"], noun_fn=None, prompt_fn=None)))
     assert batch["text"].shape == (4, 4, 77)
@@ -400,7 +400,7 @@ def test_corrupt_samples_are_skipped_counted_and_reach_the_main_process(dataset,
     (tmp_path / "broken.tar").write_bytes(b"this is no tar file" * 100)
     urls = [str(tmp_path / "bad.tar"), *shards[1:], str(tmp_path / "broken.tar")]
     pipe = pipeline(urls, batch_size=3)
-    with caplog.at_level("WARNING", logger="training.data"):
+    with caplog.at_level("WARNING", logger="groupseg.training.data"):
         batches = list(pipe)
     assert len(all_keys(batches)) == 24
     assert pipe.skips.counts == {"decode": 1, "caption": 1, "read": 1}

@@ -8,10 +8,10 @@ import pytest
 import torch
 from PIL import Image
 
-from eval.clusters import Reservoir, hungarian_match, matched_confusion
+from groupseg.eval.clusters import Reservoir, hungarian_match, matched_confusion
 from groupseg.clusters import GroupFeatures, cluster_label_map, cluster_segment, kmeans
-from eval.datasets import DATASETS, load_dataset
-from eval.metrics import ConfusionMatrix
+from groupseg.eval.datasets import DATASETS, load_dataset
+from groupseg.eval.metrics import ConfusionMatrix
 from groupseg.cli import main as cli_main
 from groupseg.segment import SegmentationResult, Segmenter
 
@@ -390,7 +390,7 @@ def test_eval_real_camvid(tiny_weights, tmp_path):
 
 
 def test_compare_picture_from_saved_predictions(tmp_path):
-    from eval.compare import main as compare_main
+    from groupseg.eval.compare import main as compare_main
 
     make_camvid(tmp_path / "camvid")
     for name, value in (("a", 3), ("b", 8)):

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from eval.retrieval import recall_at_k
+from groupseg.eval.retrieval import recall_at_k
 from groupseg.loss import MultiLabelContrastiveLoss, group_usage_loss
 
 

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-import training.nouns as nouns
-from training.build_noun_lexicon import build
-from training.nouns import build_prompts, extract_nouns, singular
+import groupseg.training.nouns as nouns
+from groupseg.training.build_noun_lexicon import build
+from groupseg.training.nouns import build_prompts, extract_nouns, singular
 
 WORDNET = Path("/usr/share/wordnet")
 needs_nltk_data = pytest.mark.skipif(

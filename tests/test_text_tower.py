@@ -22,7 +22,7 @@ def _tiny_bert_dir(tmp_path):
 
 
 def test_hf_text_tower_builds_saves_and_loads(tmp_path):
-    from training.text_encoders import copy_tokenizer, hf_text_config, load_hf_text_weights
+    from groupseg.training.text_encoders import copy_tokenizer, hf_text_config, load_hf_text_weights
 
     src = _tiny_bert_dir(tmp_path)
     cfg = groupseg.get_model_config("groupvit-tiny-test")

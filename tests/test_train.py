@@ -13,9 +13,9 @@ import torch
 import yaml
 from PIL import Image
 
-from training.checkpoint import latest_checkpoint, list_checkpoints
-from training.config import load_config, parse_overrides
-from training.main import Trainer
+from groupseg.training.checkpoint import latest_checkpoint, list_checkpoints
+from groupseg.training.config import load_config, parse_overrides
+from groupseg.training.main import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = ["dog", "cat", "car", "tree", "boat", "child", "ball", "horse"]
@@ -23,7 +23,7 @@ WORDS = ["dog", "cat", "car", "tree", "boat", "child", "ball", "horse"]
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
-    from training.shards import make_shards
+    from groupseg.training.shards import make_shards
 
     d = tmp_path_factory.mktemp("data")
     (d / "img").mkdir()
@@ -79,7 +79,7 @@ def test_sigkill_and_resume_is_bitwise_exact(shards, tmp_path):
     cfg_file = tmp_path / "cfg.yaml"
     cfg_file.write_text(yaml.safe_dump(_cfg(shards, run)))
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.Popen([sys.executable, "-m", "training.main", "--config", str(cfg_file)], cwd=ROOT, env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "groupseg.training.main", "--config", str(cfg_file)], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     kill_after = random.Random().randint(1, 6)  # a random checkpoint step to die after
     deadline = time.time() + 240
@@ -111,6 +111,17 @@ def test_config_errors(shards, tmp_path):
         Trainer(load_config(None, _cfg(shards, tmp_path / "x", train_data="")))
     with pytest.raises(FileNotFoundError, match="shard pattern .*none-.*not found"):
         Trainer(load_config(None, _cfg(shards, tmp_path / "x", train_data=str(tmp_path / "none-{000..003}.tar"))))
+
+
+def test_shipped_configs_load_by_name():
+    from groupseg.training.config import list_configs
+
+    assert "tiny-cpu" in list_configs() and "flickr8k-default" in list_configs()
+    by_name = load_config("tiny-cpu")
+    by_path = load_config(str(ROOT / "training" / "configs" / "tiny-cpu.yaml"))
+    assert by_name == by_path and by_name != load_config(None)
+    with pytest.raises(FileNotFoundError, match="config file not found: tiny-gpu .*tiny-cpu"):
+        load_config("tiny-gpu")
 
 
 def test_resume_from_other_architecture_is_an_error(shards, tmp_path):

@@ -1,4 +1,4 @@
-"""Build ``prompts/lexicon/nouns.tsv.gz``, the offline lexicon behind ``training.nouns``.
+"""Build ``prompts/lexicon/nouns.tsv.gz``, the offline lexicon behind ``groupseg.training.nouns``.
 
 The lexicon is made from WordNet 3.0 as Debian ships it (``apt-get install wordnet-base``
 puts it in ``/usr/share/wordnet``). It is built once by a developer and committed; the

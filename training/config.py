@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import typing
+from importlib import resources
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -103,14 +104,28 @@ def _coerce(name: str, value: Any) -> Any:
     return value
 
 
+def list_configs() -> list[str]:
+    """Names of the configs that ship with groupseg (``groupseg train --config NAME``)."""
+    folder = resources.files(__package__) / "configs"
+    return sorted(f.name[: -len(".yaml")] for f in folder.iterdir() if f.name.endswith(".yaml"))
+
+
+def config_text(path_or_name: str) -> str:
+    """The YAML text of a config file path or of a shipped config's name (``flickr8k-default``)."""
+    p = Path(path_or_name)
+    if p.is_file():
+        return p.read_text()
+    name = path_or_name[: -len(".yaml")] if path_or_name.endswith(".yaml") else path_or_name
+    if "/" not in name and name in list_configs():
+        return (resources.files(__package__) / "configs" / f"{name}.yaml").read_text()
+    raise FileNotFoundError(f"config file not found: {path_or_name} (a YAML file, or one of: {', '.join(list_configs())})")
+
+
 def load_config(path: str | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
-    """Read a YAML file (optional) and apply overrides; unknown keys are an error."""
+    """Read a YAML file or shipped config by name (optional) and apply overrides; unknown keys are an error."""
     values: dict[str, Any] = {}
     if path:
-        p = Path(path)
-        if not p.is_file():
-            raise FileNotFoundError(f"config file not found: {path}")
-        loaded = yaml.safe_load(p.read_text()) or {}
+        loaded = yaml.safe_load(config_text(path)) or {}
         if not isinstance(loaded, dict):
             raise ValueError(f"{path}: a config file must be a YAML mapping of keys to values")
         values.update(loaded)

@@ -460,9 +460,9 @@ class MakePrompts:
     Args:
         k: prompts per sample.
         templates: prompt templates with ``{}``.
-        noun_fn: ``caption -> list[str]``; default ``training.nouns.extract_nouns`` (imported
+        noun_fn: ``caption -> list[str]``; default ``groupseg.training.nouns.extract_nouns`` (imported
             on first use, in the worker).
-        prompt_fn: default ``training.nouns.build_prompts``; must return exactly ``k`` prompts.
+        prompt_fn: default ``groupseg.training.nouns.build_prompts``; must return exactly ``k`` prompts.
     """
 
     def __init__(self, k: int, templates: Sequence[str], noun_fn: Callable | None, prompt_fn: Callable | None) -> None:
@@ -710,9 +710,9 @@ def build_train_pipeline(
         epoch_samples: samples per epoch over all ranks; each worker stops after its share.
         scale: random-resized-crop area range.
         hflip: horizontal flip probability.
-        noun_fn: ``caption -> nouns``; default ``training.nouns.extract_nouns``.
+        noun_fn: ``caption -> nouns``; default ``groupseg.training.nouns.extract_nouns``.
         prompt_fn: ``(caption, nouns, templates=, k=, rng=) -> k prompts``; default
-            ``training.nouns.build_prompts``.
+            ``groupseg.training.nouns.build_prompts``.
         tokenizer: ``list[str] -> (N, L)`` ids; default ``groupseg.tokenizer.tokenize``.
         context_length: token sequence length for the default tokenizer.
         drop_last: drop each worker's last partial batch.

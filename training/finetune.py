@@ -2,7 +2,7 @@
 
     groupseg finetune --dataset camvid --data-root ../shared/data/camvid --out runs/ft-camvid \\
         [--fraction 0.1 | --images 12] [--objective ce|mix-match] [--weak-classes "car,fence"]
-    accelerate launch -m training.finetune --dataset camvid ...
+    accelerate launch -m groupseg.training.finetune --dataset camvid ...
 
 The classifier is a (C, D) matrix in the joint image-text space, initialised with the class
 names' prompt-ensembled text embeddings, so zero labelled images is exactly the zero-shot model.
@@ -70,7 +70,7 @@ IGNORE = 255
 
 @dataclass
 class FinetuneConfig:
-    dataset: str = ""  # a name eval.datasets.load_dataset reads (camvid, voc, ade20k, ..., folder)
+    dataset: str = ""  # a name groupseg.eval.datasets.load_dataset reads (camvid, voc, ade20k, ..., folder)
     data_root: str = ""
     split: str = "train"
     vocab_file: str = ""  # class names, one per line in label order (required for ``folder``)
@@ -442,7 +442,7 @@ class Finetuner:
         from accelerate import Accelerator
         from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
-        from eval.datasets import load_dataset
+        from groupseg.eval.datasets import load_dataset
 
         from groupseg.precision import resolve_precision
 
@@ -804,7 +804,7 @@ def run_finetune(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="training.finetune", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="groupseg.training.finetune", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_finetune_args(p)
     args = p.parse_args(argv)
     try:

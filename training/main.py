@@ -1,7 +1,7 @@
 """Pretrain GroupViT from image-text shards with the multi-label contrastive loss.
 
-    groupseg train --config training/configs/flickr8k-tiny.yaml [--key value ...]
-    accelerate launch -m training.main --config ... [--key value ...]
+    groupseg train --config tiny-cpu [--key value ...]
+    accelerate launch -m groupseg.training.main --config ... [--key value ...]
 
 Kill it at any moment; ``--resume auto`` continues from the latest complete checkpoint
 (model, optimizer, scheduler, scaler, RNG states and data position), bitwise exactly on
@@ -410,7 +410,7 @@ class Trainer:
         if not self.cfg.val_data or not self.accelerator.is_main_process:
             return None
         try:
-            from eval.retrieval import embed_pairs, recall_at_k
+            from groupseg.eval.retrieval import embed_pairs, recall_at_k
         except ImportError:
             log.warning("eval package not importable: skipping evaluation")
             return None
@@ -467,7 +467,7 @@ def plot_loss_curve(metrics_file: Path, png: Path) -> None:
 def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML file setting TrainConfig fields")
     p.set_defaults(overrides=[])  # any further --key value pairs override config fields
-    p.epilog = (p.epilog or "") + "example:\n  groupseg train --config training/configs/flickr8k-tiny.yaml --batch-size 32 --resume auto\n"
+    p.epilog = (p.epilog or "") + "example:\n  groupseg train --config tiny-cpu --batch-size 32 --resume auto\n"
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -479,7 +479,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="training.main", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="groupseg.training.main", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_train_args(p)
     args, rest = p.parse_known_args(argv)
     args.overrides = rest

@@ -39,7 +39,7 @@ ft mm-1pct --fraction 0.01 --objective mix-match
 ft mm-100pct --objective mix-match
 ft weak-shot --objective ce --weak-classes "car,pedestrian,bicyclist,fence"
 ft base-only --objective ce --weak-classes "car,pedestrian,bicyclist,fence" --weak-loss none
-python -m eval.compare --dataset camvid --data-root "$DATA" --split val --images 4 --out "$OUT/compare.png" \
+python -m groupseg.eval.compare --dataset camvid --data-root "$DATA" --split val --images 4 --out "$OUT/compare.png" \
   --pred zero-shot="$OUT/pred-zero-shot" --pred "1 %"="$OUT/pred-ce-1pct" --pred "10 %"="$OUT/pred-ce-10pct" \
   --pred "100 %"="$OUT/pred-ce-100pct" --pred weak-shot="$OUT/pred-weak-shot" --pred base-only="$OUT/pred-base-only"
 # the default settings (30 epochs, mix-match), then the same with --objective ce; each timed (the
@@ -58,7 +58,7 @@ if [ "${DEFAULT_RUN:-0}" = 1 ]; then
     echo "$name: $(( $(date +%s) - start )) s" | tee "$OUT/$name.time"
     ev "$name" "$OUT/$name"
   done
-  python -m eval.compare --dataset camvid --data-root "$DATA" --split val --images 4 --out "$OUT/compare-default.png" \
+  python -m groupseg.eval.compare --dataset camvid --data-root "$DATA" --split val --images 4 --out "$OUT/compare-default.png" \
     --pred zero-shot="$OUT/pred-zero-shot" --pred "100 %"="$OUT/pred-mm-100pct-default" \
     --pred weak-shot="$OUT/pred-weak-shot-default" --pred base-only="$OUT/pred-base-only-default"
 fi
