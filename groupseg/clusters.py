@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .classify import class_logits
 from .prompting import normalize_vocab, parse_class, prompts_dir, read_vocab_file
 from .segment import BACKGROUND, SegmentationResult, Segmenter
 from .transforms import ImageLike, load_image, resize_nearest, sliding_windows, target_size, to_tensor
@@ -197,9 +198,7 @@ def default_naming_vocab() -> list[str]:
 def name_directions(segmenter: Segmenter, directions: torch.Tensor, vocab: str | Sequence[str]) -> list[str]:
     """The nearest vocabulary label of each (K, D) direction; repeats get a suffix (``grass 2``)."""
     labels, text, owner = segmenter.class_embeddings(vocab)
-    sim = F.normalize(directions.float(), dim=-1) @ text.to(directions.device).T  # (K, S)
-    per_class = sim.new_full((sim.shape[0], len(labels)), float("-inf"))
-    per_class.scatter_reduce_(1, owner.to(sim.device).expand_as(sim), sim, reduce="amax")
+    per_class = class_logits(F.normalize(directions.float(), dim=-1), text, owner, len(labels), 1.0)  # (K, C)
     names, seen = [], {}
     for i in per_class.argmax(1).tolist():
         seen[labels[i]] = seen.get(labels[i], 0) + 1

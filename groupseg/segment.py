@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
+from .classify import class_logits, top_k_filter
 from .factory import load_model
 from .models.groupvit import GroupViT
 from .prompting import DEFAULT_TEMPLATES, load_templates, normalize_vocab, parse_class
@@ -292,21 +293,9 @@ class Segmenter:
     def _class_probs(self, g: dict, text: torch.Tensor, owner: torch.Tensor, num_classes: int, top_k: int) -> torch.Tensor:
         """Per-segment class probabilities (B, G, C) from group/image embeddings."""
         scale = self.model.logit_scale.exp().clamp(max=100).float()
-        groups = g["group_embeds"].float()  # (B, G, D)
-        text = text.to(groups.device)
-        idx = owner.to(groups.device)
-
-        def per_class(sim: torch.Tensor) -> torch.Tensor:  # (..., S) -> (..., C), max over synonyms
-            out = sim.new_full((*sim.shape[:-1], num_classes), float("-inf"))
-            return out.scatter_reduce(-1, idx.expand_as(sim), sim, reduce="amax")
-
-        logits = per_class(groups @ text.T) * scale  # (B, G, C)
-        probs = logits.softmax(-1)
-        if top_k and top_k < num_classes:
-            img = per_class(g["image_embeds"].float() @ text.T) * scale  # (B, C)
-            keep = torch.zeros_like(img, dtype=torch.bool).scatter_(-1, img.topk(top_k, dim=-1).indices, True)
-            probs = logits.masked_fill(~keep[:, None, :], float("-inf")).softmax(-1) * probs
-        return probs
+        logits = class_logits(g["group_embeds"].float(), text, owner, num_classes, scale)  # (B, G, C)
+        image = class_logits(g["image_embeds"].float(), text, owner, num_classes, scale)  # (B, C)
+        return top_k_filter(logits, image, top_k)
 
     @torch.no_grad()
     def _window(self, px: torch.Tensor, text, owner, C, top_k) -> tuple[torch.Tensor, torch.Tensor]:
