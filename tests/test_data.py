@@ -15,8 +15,8 @@ pytest.importorskip("webdataset")
 import webdataset as wds  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from training import data as D  # noqa: E402
-from training import shards as S  # noqa: E402
+from groupseg.training import data as D  # noqa: E402
+from groupseg.training import shards as S  # noqa: E402
 
 FLICKR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "flickr8k"
 MEAN, STD = (0.48, 0.46, 0.41), (0.27, 0.26, 0.28)

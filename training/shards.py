@@ -7,9 +7,10 @@ One sample per image, all of its captions kept together:
 - ``{key}.txt``  its first caption,
 - ``{key}.json`` ``{"captions": [...], "image": original name, "width": w, "height": h}``.
 
-Captions files: CSV/TSV with a header naming ``image`` and ``caption`` columns (delimiter
-detected), JSON lines (``{"image": ..., "caption": ...}`` or ``"captions": [...]``), COCO
-``captions_*.json`` and the Flickr ``*.token.txt`` format (``IMAGE.jpg#K<TAB>caption``).
+Captions files (read by ``caption_files``): CSV/TSV with a header naming ``image`` and
+``caption`` columns (delimiter detected), JSON lines (``{"image": ..., "caption": ...}`` or
+``"captions": [...]``), COCO ``captions_*.json`` and the Flickr ``*.token.txt`` format
+(``IMAGE.jpg#K<TAB>caption``).
 
 The split into train/val is by image (all captions of an image land in one split). Sample
 order is a shuffle of the images seeded by ``seed``, so the output is the same on every run.
@@ -23,7 +24,6 @@ Example:
 from __future__ import annotations
 
 import argparse
-import csv
 import glob
 import io
 import json
@@ -33,199 +33,17 @@ import re
 import sys
 from collections import Counter
 from pathlib import Path
-from typing import Iterator, Literal, Sequence
+from typing import Sequence
 
-CaptionFormat = Literal["auto", "csv", "tsv", "jsonl", "coco", "flickr"]
-FORMATS = ("auto", "csv", "tsv", "jsonl", "coco", "flickr")
+from .caption_files import FORMATS, CaptionFormat, detect_format, read_captions, read_split_file
+
+__all__ = ["FORMATS", "CaptionFormat", "detect_format", "read_captions", "read_split_file", "make_shards",
+           "add_make_shards_args", "run_make_shards", "main"]
+
 SPLITS = ("train", "val")
 DEFAULT_PATTERN = "{split}-%06d.tar"
-# Header names accepted for the two columns of a CSV/TSV captions file (first match wins).
-IMAGE_COLUMNS = ("image", "file_name", "filename")
-CAPTION_COLUMNS = ("caption", "text")
 FIXED_MTIME = 946684800.0  # 2000-01-01: tar member times fixed so shards are byte-reproducible
 MAX_LISTED = 1000  # at most this many skipped names are listed in stats.json (counts are exact)
-_FLICKR_LINE = re.compile(r"^(?P<image>[^\t#]+)#(?P<k>\d+)\t(?P<caption>.*)$")
-
-
-# --------------------------------------------------------------------------- captions files
-
-
-def detect_format(path: str | Path) -> str:
-    """Guess a captions file's format from its name and first line.
-
-    Args:
-        path: the captions file.
-
-    Returns:
-        One of ``csv``, ``tsv``, ``jsonl``, ``coco``, ``flickr``.
-    """
-    path = Path(path)
-    name = path.name.lower()
-    head = _first_line(path)
-    if name.endswith(".jsonl"):
-        return "jsonl"
-    if name.endswith(".json"):
-        try:
-            first = json.loads(head)
-        except ValueError:
-            return "coco"  # a multi-line JSON document
-        if isinstance(first, dict) and ("annotations" in first or "images" in first):
-            return "coco"
-        return "jsonl"
-    if _FLICKR_LINE.match(head):
-        return "flickr"
-    if name.endswith(".tsv"):
-        return "tsv"
-    if name.endswith(".csv"):
-        return "csv"
-    if head.lstrip().startswith("{"):
-        return "jsonl"
-    if _table_delimiter(head) is not None:
-        return "tsv" if "\t" in head else "csv"
-    raise ValueError(f"cannot tell the format of captions file {path}; pass --format csv|tsv|jsonl|coco|flickr")
-
-
-def read_captions(path: str | Path, fmt: str = "auto") -> tuple[dict[str, list[str]], list[dict], str]:
-    """Read a captions file into ``{image name: [captions]}`` (order of first appearance).
-
-    Args:
-        path: the captions file.
-        fmt: ``auto`` or one of ``csv``, ``tsv``, ``jsonl``, ``coco``, ``flickr``.
-
-    Returns:
-        ``(captions, bad_rows, fmt)``: the grouped captions, a list of ``{"line", "error"}``
-        for rows that could not be used, and the format actually read.
-
-    Raises:
-        FileNotFoundError: the file does not exist.
-        ValueError: unknown format, or no usable caption in the file.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"captions file not found: {path}")
-    if fmt not in FORMATS:
-        raise ValueError(f"unknown captions format {fmt!r}; use one of {', '.join(FORMATS)}")
-    if fmt == "auto":
-        fmt = detect_format(path)
-    reader = {"csv": _read_table, "tsv": _read_table, "jsonl": _read_jsonl, "coco": _read_coco, "flickr": _read_flickr}[fmt]
-    groups: dict[str, list[str]] = {}
-    bad: list[dict] = []
-    for line, image, caption in reader(path, fmt):
-        if image is None:
-            bad.append({"line": line, "error": caption})
-            continue
-        caption = " ".join(str(caption).split())
-        image = str(image).strip()
-        if not image or not caption:
-            bad.append({"line": line, "error": "empty image name or caption"})
-            continue
-        groups.setdefault(image, []).append(caption)
-    if not groups:
-        raise ValueError(f"no usable captions in {path} (read as {fmt}); check --format")
-    return groups, bad, fmt
-
-
-def _first_line(path: Path) -> str:
-    with open(path, encoding="utf-8-sig", errors="replace") as f:
-        for line in f:
-            if line.strip():
-                return line.rstrip("\r\n")
-    raise ValueError(f"captions file is empty: {path}")
-
-
-def _table_delimiter(header: str, prefer: str = ",") -> str | None:
-    """The delimiter that splits ``header`` into an image and a caption column."""
-    for delim in (prefer, ",", "\t", ";", "|"):
-        cols = [c.strip().lower() for c in header.split(delim)]
-        if any(c in cols for c in IMAGE_COLUMNS) and any(c in cols for c in CAPTION_COLUMNS):
-            return delim
-    return None
-
-
-def _read_table(path: Path, fmt: str) -> Iterator[tuple]:
-    header = _first_line(path)
-    delim = _table_delimiter(header, prefer="\t" if fmt == "tsv" else ",")
-    if delim is None:
-        raise ValueError(
-            f"{path}: the header {header[:80]!r} needs an image column ({'/'.join(IMAGE_COLUMNS)}) "
-            f"and a caption column ({'/'.join(CAPTION_COLUMNS)})"
-        )
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        rows = csv.reader(f, delimiter=delim)
-        cols = [c.strip().lower() for c in next(rows)]
-        i_img = next(cols.index(c) for c in IMAGE_COLUMNS if c in cols)
-        i_cap = next(cols.index(c) for c in CAPTION_COLUMNS if c in cols)
-        for row in rows:
-            if not row or not any(cell.strip() for cell in row):
-                continue
-            if len(row) <= max(i_img, i_cap):
-                yield rows.line_num, None, f"expected {len(cols)} columns, got {len(row)}"
-                continue
-            yield rows.line_num, row[i_img], row[i_cap]
-
-
-def _read_jsonl(path: Path, fmt: str) -> Iterator[tuple]:
-    with open(path, encoding="utf-8-sig") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-                image = rec.get("image", rec.get("file_name"))
-                caps = rec["captions"] if "captions" in rec else [rec["caption"]]
-            except (ValueError, KeyError, AttributeError, TypeError) as exn:
-                yield n, None, f"not a JSON object with image and caption: {type(exn).__name__}"
-                continue
-            if image is None or not isinstance(caps, list):
-                yield n, None, "missing image or caption"
-                continue
-            for cap in caps:
-                yield n, image, cap
-
-
-def _read_coco(path: Path, fmt: str) -> Iterator[tuple]:
-    try:
-        with open(path, encoding="utf-8") as f:
-            doc = json.load(f)
-        names = {img["id"]: img["file_name"] for img in doc["images"]}
-        anns = doc["annotations"]
-    except (ValueError, KeyError, TypeError) as exn:
-        raise ValueError(f"{path} is not a COCO captions file (needs images[].id/file_name and annotations[]): {exn}") from None
-    by_image: dict = {}
-    for n, ann in enumerate(anns):
-        if not isinstance(ann, dict) or ann.get("image_id") not in names or "caption" not in ann:
-            yield n, None, "annotation without a known image_id or a caption"
-            continue
-        by_image.setdefault(ann["image_id"], []).append(ann["caption"])
-    for image_id, name in names.items():  # images in the file's order
-        for cap in by_image.get(image_id, ()):
-            yield image_id, name, cap
-
-
-def _read_flickr(path: Path, fmt: str) -> Iterator[tuple]:
-    rows: dict[str, list[tuple[int, str]]] = {}
-    with open(path, encoding="utf-8-sig") as f:
-        for n, line in enumerate(f, 1):
-            line = line.rstrip("\r\n")
-            if not line.strip():
-                continue
-            m = _FLICKR_LINE.match(line)
-            if m is None:
-                yield n, None, "not IMAGE#K<TAB>caption"
-                continue
-            rows.setdefault(m["image"], []).append((int(m["k"]), m["caption"]))
-    for image, caps in rows.items():
-        for _, cap in sorted(caps, key=lambda kc: kc[0]):
-            yield None, image, cap
-
-
-def read_split_file(path: str | Path) -> set[str]:
-    """Image names, one a line (``#`` comments and blank lines ignored)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"split file not found: {path}")
-    with open(path, encoding="utf-8-sig") as f:
-        return {ln.strip() for ln in f if ln.strip() and not ln.lstrip().startswith("#")}
 
 
 # --------------------------------------------------------------------------- images
@@ -355,20 +173,9 @@ class _LazyShardWriter:
 
 
 def make_shards(
-    images: str | Path,
-    captions: str | Path,
-    out: str | Path,
-    *,
-    format: CaptionFormat = "auto",
-    pattern: str = DEFAULT_PATTERN,
-    shard_size: int = 1000,
-    resize: int = 0,
-    jpeg_quality: int = 90,
-    workers: int = 1,
-    val_fraction: float = 0.0,
-    split_file: str | Path | None = None,
-    seed: int = 0,
-    overwrite: bool = False,
+    images: str | Path, captions: str | Path, out: str | Path, *, format: CaptionFormat = "auto",
+    pattern: str = DEFAULT_PATTERN, shard_size: int = 1000, resize: int = 0, jpeg_quality: int = 90, workers: int = 1,
+    val_fraction: float = 0.0, split_file: str | Path | None = None, seed: int = 0, overwrite: bool = False,
     progress: bool = True,
 ) -> dict:
     """Write webdataset shards (one sample per image, all its captions) and ``stats.json``.
@@ -406,6 +213,61 @@ def make_shards(
     'shards/train-{000000..000007}.tar'
     """
     images, out = Path(images), Path(out)
+    _check_options(images, shard_size, resize, jpeg_quality, val_fraction, split_file)
+    val_names = read_split_file(split_file) if split_file is not None else None
+    groups, bad_rows, fmt = read_captions(captions, format)
+    order, keys, missing = _order_images(images, captions, groups, seed)
+    split_of = _assign_splits(order, val_fraction, val_names)
+    splits = [s for s in SPLITS if s in split_of.values()]
+    patterns = _split_patterns(pattern, splits)
+    out.mkdir(parents=True, exist_ok=True)
+    _check_out(out, patterns, overwrite)
+
+    writers = {s: _LazyShardWriter(str(out / patterns[s]), shard_size) for s in splits}
+    jobs = ((str(images / name), resize, jpeg_quality) for name in order)
+    try:
+        written = _write_samples(order, _map_jobs(jobs, workers, len(order), progress), groups, keys, split_of, writers)
+    finally:
+        for wr in writers.values():
+            wr.close()
+
+    options = {
+        "images": str(images), "captions": str(captions), "pattern": pattern, "shard_size": shard_size,
+        "resize": resize, "jpeg_quality": jpeg_quality, "val_fraction": val_fraction,
+        "split_file": None if split_file is None else str(split_file), "seed": seed,
+    }
+    return _write_stats(out, patterns, writers, written, groups, bad_rows, missing, fmt, val_names, options)
+
+
+def _write_stats(out: Path, patterns: dict, writers: dict, written: dict, groups: dict, bad_rows: list, missing: list,
+                 fmt: str, val_names: set[str] | None, options: dict) -> dict:
+    """Write ``out/stats.json`` and return what it holds."""
+    splits = list(writers)
+    n_samples = written["samples"]
+    shard_files = {s: [os.path.basename(f) for f in writers[s].files] for s in splits}
+    stats = {
+        "images": sum(n_samples.values()),
+        "captions": written["captions"],
+        "samples": {s: n_samples[s] for s in splits},
+        "shards": {s: len(shard_files[s]) for s in splits},
+        "urls": {s: _brace_url(out, patterns[s], len(shard_files[s])) for s in splits if shard_files[s]},
+        "shard_files": shard_files,
+        "reencoded": written["reencoded"],
+        "copied": sum(n_samples.values()) - written["reencoded"],
+        "listed": {"images": len(groups), "captions": sum(map(len, groups.values()))},
+        "skipped_counts": {"missing": len(missing), "unreadable": len(written["unreadable"]), "bad_rows": len(bad_rows)},
+        "skipped": {"missing": missing[:MAX_LISTED], "unreadable": written["unreadable"][:MAX_LISTED], "bad_rows": bad_rows[:MAX_LISTED]},
+        "format": fmt,
+    }
+    if val_names is not None:
+        stats["skipped_counts"]["split_file_unmatched"] = len(val_names - set(groups) - {os.path.basename(n) for n in groups})
+    stats["options"] = options
+    with open(out / "stats.json", "w", encoding="utf-8") as f:
+        json.dump(stats, f, indent=2)
+    return stats
+
+
+def _check_options(images: Path, shard_size: int, resize: int, jpeg_quality: int, val_fraction: float, split_file) -> None:
     if not images.is_dir():
         raise FileNotFoundError(f"images folder not found: {images}")
     if shard_size < 1:
@@ -418,11 +280,11 @@ def make_shards(
         raise ValueError(f"--val-fraction must be in [0, 1), got {val_fraction}")
     if val_fraction > 0 and split_file is not None:
         raise ValueError("give either --val-fraction or --split-file, not both")
-    val_names = read_split_file(split_file) if split_file is not None else None
-    groups, bad_rows, fmt = read_captions(captions, format)
 
-    # Which listed images exist; keys from the file order (stable), then a seeded shuffle.
-    used: set[str] = set()
+
+def _order_images(images: Path, captions, groups: dict[str, list[str]], seed: int) -> tuple[list[str], dict[str, str], list[str]]:
+    """The listed images that exist, in a seeded shuffle; their keys (from the file order, so
+    stable); and the names of the missing ones."""
     present, missing = [], []
     for name in groups:
         (present if (images / name).is_file() else missing).append(name)
@@ -431,65 +293,33 @@ def make_shards(
             f"none of the {len(groups)} images named in {captions} exist under {images} "
             f"(first: {missing[0]!r}); check --images"
         )
+    used: set[str] = set()
     keys = {name: _make_key(name, used) for name in present}
     order = list(present)
     random.Random(seed).shuffle(order)
+    return order, keys, missing
 
-    split_of = _assign_splits(order, val_fraction, val_names)
-    splits = [s for s in SPLITS if s in split_of.values()]
-    patterns = _split_patterns(pattern, splits)
-    out.mkdir(parents=True, exist_ok=True)
-    _check_out(out, patterns, overwrite)
 
-    writers = {s: _LazyShardWriter(str(out / patterns[s]), shard_size) for s in splits}
+def _write_samples(order, results, groups, keys, split_of, writers) -> dict:
+    """Write one sample per readable image; returns counts and the unreadable images."""
     n_samples: Counter = Counter()
     n_captions, reencoded, unreadable = 0, 0, []
-    jobs = ((str(images / name), resize, jpeg_quality) for name in order)
-    try:
-        for name, result in zip(order, _map_jobs(jobs, workers, len(order), progress)):
-            if result[0] != "ok":
-                unreadable.append({"image": name, "error": result[1]})
-                continue
-            _, data, w, h, was_reencoded = result
-            split = split_of[name]
-            writers[split].write({
-                "__key__": keys[name],
-                "jpg": data,
-                "txt": groups[name][0],
-                "json": {"captions": groups[name], "image": name, "width": w, "height": h},
-            })
-            n_samples[split] += 1
-            n_captions += len(groups[name])
-            reencoded += was_reencoded
-    finally:
-        for wr in writers.values():
-            wr.close()
-
-    shard_files = {s: [os.path.basename(f) for f in writers[s].files] for s in splits}
-    stats = {
-        "images": sum(n_samples.values()),
-        "captions": n_captions,
-        "samples": {s: n_samples[s] for s in splits},
-        "shards": {s: len(shard_files[s]) for s in splits},
-        "urls": {s: _brace_url(out, patterns[s], len(shard_files[s])) for s in splits if shard_files[s]},
-        "shard_files": shard_files,
-        "reencoded": reencoded,
-        "copied": sum(n_samples.values()) - reencoded,
-        "listed": {"images": len(groups), "captions": sum(map(len, groups.values()))},
-        "skipped_counts": {"missing": len(missing), "unreadable": len(unreadable), "bad_rows": len(bad_rows)},
-        "skipped": {"missing": missing[:MAX_LISTED], "unreadable": unreadable[:MAX_LISTED], "bad_rows": bad_rows[:MAX_LISTED]},
-        "format": fmt,
-        "options": {
-            "images": str(images), "captions": str(captions), "pattern": pattern, "shard_size": shard_size,
-            "resize": resize, "jpeg_quality": jpeg_quality, "val_fraction": val_fraction,
-            "split_file": None if split_file is None else str(split_file), "seed": seed,
-        },
-    }
-    if val_names is not None:
-        stats["skipped_counts"]["split_file_unmatched"] = len(val_names - set(groups) - {os.path.basename(n) for n in groups})
-    with open(out / "stats.json", "w", encoding="utf-8") as f:
-        json.dump(stats, f, indent=2)
-    return stats
+    for name, result in zip(order, results):
+        if result[0] != "ok":
+            unreadable.append({"image": name, "error": result[1]})
+            continue
+        _, data, w, h, was_reencoded = result
+        split = split_of[name]
+        writers[split].write({
+            "__key__": keys[name],
+            "jpg": data,
+            "txt": groups[name][0],
+            "json": {"captions": groups[name], "image": name, "width": w, "height": h},
+        })
+        n_samples[split] += 1
+        n_captions += len(groups[name])
+        reencoded += was_reencoded
+    return {"samples": n_samples, "captions": n_captions, "reencoded": reencoded, "unreadable": unreadable}
 
 
 def _assign_splits(order: list[str], val_fraction: float, val_names: set[str] | None) -> dict[str, str]:
