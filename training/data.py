@@ -1,8 +1,9 @@
 """Training data: webdataset shards -> batches of augmented pixels and tokenized texts.
 
 The pipeline is a list of small named stages handed to ``wds.DataPipeline`` (see
-``train_stages``; the stages are in ``stages.py``, shard lists in ``sources.py``, skip counting in
-``skips.py``; their public names are importable from here)::
+``train_stages``; the stages are in ``stages.py``, the tar reader in ``reader.py``, shard lists
+and recorded counts in ``sources.py``, skip counting in ``skips.py``; their public names are
+importable from here)::
 
     shards -> [split by node, split by worker] -> tar samples -> shuffle -> position
            -> decode -> caption -> prompts -> tokenize -> augment -> batch
@@ -16,16 +17,22 @@ Batches are dicts:
   strings per sample that ``text`` tokenizes (for text-feature caches),
 - ``skipped`` int64 scalar tensor: samples (and unreadable shards) dropped since the previous
   batch of the same worker; ``skip_reasons`` the same as ``{reason: count}``,
-- ``position`` ``{"epoch", "rank", "worker", "num_workers", "samples", "batches"}``: where this
-  worker's stream stands after this batch.
+- ``position`` ``{"epoch", "rank", "worker", "num_workers", "samples", "batches", "read_events"}``:
+  where this worker's stream stands after this batch.
 
 Skip counts. Bad samples (unreadable image, no caption, ...) and unreadable shards are logged,
 counted and dropped; the pipeline goes on. DataLoader workers are separate processes, so their
 counters are not visible to the trainer: every batch carries the counts since the previous
 batch of its worker. Sum them in the main process with ``SkipCounter.update(batch)``.
-Reasons: ``read`` (unreadable shard or tar member), ``no_image``, ``decode``, ``caption``,
-``prompts``, ``tokenize``, ``augment``. Skips after a worker's last batch of an epoch are only
-reported when that last (partial) batch is kept, i.e. not with ``drop_last=True``.
+Reasons: ``read`` (unreadable shard or tar member), ``truncated shard NAME`` (samples that
+``make-shards`` recorded in shard file NAME but that could not be read: the shard is cut short
+or damaged; the samples before the damage are used), ``no_image``, ``decode``, ``caption``,
+``prompts``, ``tokenize``, ``augment``. Shard losses reach the trainer even from a worker's last
+shard (``BatchSamples`` holds each full batch until the next one is full); sample skips after a
+worker's last batch of an epoch are only reported when that last (partial) batch is kept, i.e.
+not with ``drop_last=True``. ``count_samples`` gives the epoch length from the counts
+``make-shards`` recorded in ``stats.json`` (shards from other tools are read, tolerantly); a
+zero-byte shard is a ``ValueError`` naming it.
 
 Shards and ranks. ``resampled=False``: each epoch the shard list is shuffled with
 ``(seed, epoch)`` (same order on every rank), then split with ``wds.split_by_node`` and
@@ -43,7 +50,8 @@ epoch (``build_loader`` keeps ``persistent_workers=False`` so workers see it). T
 an epoch, keep a ``LoaderPosition`` updated with every batch the trainer consumed, save its
 ``state_dict()`` (one per rank), and call ``pipeline.resume(state)`` instead of ``set_epoch``:
 each worker skips the samples it already produced *before* decoding them (only tar bytes are
-read), so the rest of the epoch comes out exactly as in the uninterrupted run. With 0 workers
+read), so the rest of the epoch comes out exactly as in the uninterrupted run; the shard losses
+it meets again are not counted twice (``read_events``). With 0 workers
 the batch sequence is identical; with N workers each worker's sequence is identical, but the
 DataLoader restarts its round-robin at worker 0.
 
@@ -64,8 +72,9 @@ from typing import Callable, Sequence
 
 import webdataset as wds
 
-from .skips import SampleError, SkipCounter, SkipHandler
-from .sources import expand_urls, expand_weighted_urls
+from .reader import ReadShards, ShardRead, iter_shard
+from .skips import SampleError, SkipCounter, SkipHandler, describe_skips
+from .sources import ShardManifest, count_samples, expand_urls, expand_weighted_urls
 from .stages import (
     IMAGE_EXTS, Augment, BatchSamples, ChooseCaption, Collate, DecodeImage, MakePrompts, PipelineState, ShardSource,
     ShuffleSamples, SplitByRank, Tokenize, TrackPosition, crop_params, decode_rgb, normalize_pixels, sample_captions,
@@ -73,9 +82,10 @@ from .stages import (
 
 __all__ = [  # also the stages' and helpers' names, importable from here as before the split
     "DEFAULT_TEMPLATES", "IMAGE_EXTS", "Augment", "BatchSamples", "ChooseCaption", "Collate", "DecodeImage",
-    "LoaderPosition", "MakePrompts", "PipelineState", "SampleError", "ShardSource", "ShuffleSamples", "SkipCounter",
-    "SkipHandler", "SplitByRank", "Tokenize", "TrackPosition", "TrainPipeline", "build_eval_pairs", "build_loader",
-    "build_train_pipeline", "crop_params", "decode_rgb", "expand_urls", "expand_weighted_urls", "normalize_pixels",
+    "LoaderPosition", "MakePrompts", "PipelineState", "ReadShards", "SampleError", "ShardManifest", "ShardRead",
+    "ShardSource", "ShuffleSamples", "SkipCounter", "SkipHandler", "SplitByRank", "Tokenize", "TrackPosition",
+    "TrainPipeline", "build_eval_pairs", "build_loader", "build_train_pipeline", "count_samples", "crop_params",
+    "decode_rgb", "describe_skips", "expand_urls", "expand_weighted_urls", "iter_shard", "normalize_pixels",
     "sample_captions", "train_stages",
 ]
 
@@ -115,7 +125,7 @@ class LoaderPosition:
         if self.epoch != p["epoch"]:
             self.epoch, self.workers = p["epoch"], {}
         self.num_workers = p["num_workers"]
-        self.workers[p["worker"]] = {"samples": p["samples"], "batches": p["batches"]}
+        self.workers[p["worker"]] = {"samples": p["samples"], "batches": p["batches"], "read_events": p.get("read_events", 0)}
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "num_workers": self.num_workers, "workers": {str(w): p for w, p in self.workers.items()}}
@@ -143,7 +153,7 @@ def train_stages(
     return [
         ShardSource(url_list, url_weights, state, resampled),
         *([] if resampled else [split_node, wds.split_by_worker]),
-        wds.tarfile_to_samples(handler=skips.handler("read")),
+        ReadShards(skips, state),
         ShuffleSamples(state, shuffle),
         TrackPosition(state),
         wds.map(DecodeImage(), handler=skips.handler("decode")),
@@ -256,7 +266,7 @@ def build_eval_pairs(urls: str | Sequence[str]) -> wds.DataPipeline:
     skips = SkipCounter()
     pipe = wds.DataPipeline(
         wds.SimpleShardList(expand_urls(urls)),
-        wds.tarfile_to_samples(handler=skips.handler("read")),
+        ReadShards(skips),
         wds.map(_eval_pair, handler=skips.handler("decode")),
     )
     pipe.skips = skips

@@ -125,18 +125,6 @@ def build_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, total_steps: i
     return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
-def count_samples(urls: list[str]) -> int:
-    """Samples in local shards (one per distinct key), read from the tar indexes."""
-    import tarfile
-
-    n = 0
-    for u in urls:
-        with tarfile.open(u) as tf:
-            keys = {m.name.rsplit("/", 1)[-1].split(".", 1)[0] for m in tf.getmembers() if m.isfile()}
-        n += len(keys)
-    return n
-
-
 # --------------------------------------------------------------------------- the run
 class Trainer:
     """State and loop of one training run."""
@@ -164,7 +152,7 @@ class Trainer:
         self.urls = D.expand_urls(cfg.train_data)
         if cfg.resampled and not cfg.epoch_samples:
             raise ValueError("resampled=true needs epoch_samples (samples per epoch)")
-        self.epoch_samples = cfg.epoch_samples or count_samples(self.urls)
+        self.epoch_samples = cfg.epoch_samples or D.count_samples(self.urls)
         world = acc.num_processes
         self.batches_per_epoch = self.epoch_samples // (cfg.batch_size * world)
         if self.batches_per_epoch < cfg.grad_accum:

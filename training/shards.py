@@ -152,10 +152,14 @@ def _brace_url(out: Path, pattern: str, n: int) -> str:
 
 
 class _LazyShardWriter:
-    """A ``wds.ShardWriter`` opened on the first sample, so an empty split writes no file."""
+    """A ``wds.ShardWriter`` opened on the first sample, so an empty split writes no file; records
+    how many samples and bytes each finished shard holds (``stats.json`` keeps them, so readers
+    can tell a truncated shard and count samples without opening every tar)."""
 
     def __init__(self, pattern: str, shard_size: int) -> None:
         self.pattern, self.shard_size, self.writer, self.files = pattern, shard_size, None, []
+        self.samples: dict[str, int] = {}  # shard file name -> samples written
+        self.bytes: dict[str, int] = {}  # shard file name -> file size
 
     def write(self, sample: dict) -> None:
         if self.writer is None:
@@ -163,9 +167,14 @@ class _LazyShardWriter:
 
             self.writer = wds.ShardWriter(
                 self.pattern, maxcount=self.shard_size, maxsize=float("inf"), verbose=0,
-                post=self.files.append, mtime=FIXED_MTIME,
+                post=self._finished, mtime=FIXED_MTIME,
             )
         self.writer.write(sample)
+
+    def _finished(self, fname: str) -> None:
+        name = os.path.basename(fname)
+        self.files.append(fname)
+        self.samples[name], self.bytes[name] = self.writer.count, os.path.getsize(fname)
 
     def close(self) -> None:
         if self.writer is not None:
@@ -200,8 +209,10 @@ def make_shards(
 
     Returns:
         The statistics also written to ``out/stats.json``: counts of images, captions,
-        samples and shards per split, shard ``urls`` per split (brace patterns), and the
-        skipped images and caption rows with reasons.
+        samples and shards per split, shard ``urls`` per split (brace patterns), samples and
+        bytes per shard file (``shard_samples``, ``shard_bytes``: training reads them to count
+        samples and to report what a truncated shard lost), and the skipped images and caption
+        rows with reasons.
 
     Raises:
         FileNotFoundError: images folder, captions file or split file missing.
@@ -252,6 +263,9 @@ def _write_stats(out: Path, patterns: dict, writers: dict, written: dict, groups
         "shards": {s: len(shard_files[s]) for s in splits},
         "urls": {s: _brace_url(out, patterns[s], len(shard_files[s])) for s in splits if shard_files[s]},
         "shard_files": shard_files,
+        # per shard file: samples written and file size (truncation checks, sample counts)
+        "shard_samples": {name: n for s in splits for name, n in writers[s].samples.items()},
+        "shard_bytes": {name: n for s in splits for name, n in writers[s].bytes.items()},
         "reencoded": written["reencoded"],
         "copied": sum(n_samples.values()) - written["reencoded"],
         "listed": {"images": len(groups), "captions": sum(map(len, groups.values()))},

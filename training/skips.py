@@ -1,11 +1,17 @@
 """Skipped samples: the error a stage raises for an unusable sample, the counter every skip
-goes into, and the webdataset handler that logs, counts and continues."""
+goes into, and the webdataset handler that logs, counts and continues.
+
+Reasons: ``read`` (unreadable shard or tar member), ``truncated shard NAME`` (samples that
+``make-shards`` wrote into shard file NAME but that could not be read from it), ``no_image``,
+``decode``, ``caption``, ``prompts``, ``tokenize``, ``augment``.
+"""
 from __future__ import annotations
 
 import logging
 
 log = logging.getLogger(__name__)
 
+TRUNCATED = "truncated shard"  # reason prefix: f"{TRUNCATED} {shard file name}"
 
 
 class SampleError(Exception):
@@ -31,6 +37,7 @@ class SkipCounter:
     def __init__(self, max_consecutive: int = 1000) -> None:
         self.counts: dict[str, int] = {}
         self.pending: dict[str, int] = {}
+        self.pending_lost: dict[str, int] = {}  # shard losses (``lost``), delivered separately
         self.consecutive = 0
         self.max_consecutive = max_consecutive
 
@@ -51,6 +58,11 @@ class SkipCounter:
         out, self.pending = self.pending, {}
         return out
 
+    def pop_lost(self) -> dict[str, int]:
+        """Shard losses since the last call."""
+        out, self.pending_lost = self.pending_lost, {}
+        return out
+
     def update(self, batch: dict) -> dict[str, int]:
         """Main process: add a batch's ``skip_reasons``; returns them."""
         reasons = batch.get("skip_reasons") or {}
@@ -60,6 +72,23 @@ class SkipCounter:
 
     def handler(self, default_reason: str) -> "SkipHandler":
         return SkipHandler(self, default_reason)
+
+    def lost(self, reason: str, n: int, message: str) -> None:
+        """Samples a shard lost (unreadable, truncated): counted and always logged; the next
+        batch released gets them (``pop_lost``)."""
+        self.counts[reason] = self.counts.get(reason, 0) + n
+        self.pending_lost[reason] = self.pending_lost.get(reason, 0) + n
+        log.warning("skipped %d (%s, %d so far): %s", n, reason, self.counts[reason], message[:300])
+
+
+def describe_skips(counts: dict[str, int]) -> str:
+    """``"0 skipped"`` or ``"25 skipped (truncated shard train-000001.tar 22, decode 3)"``, largest first
+    (for a run's summary line)."""
+    total = sum(counts.values())
+    if not total:
+        return "0 skipped"
+    parts = ", ".join(f"{reason} {n}" for reason, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])) if n)
+    return f"{total} skipped ({parts})"
 
 
 class SkipHandler:

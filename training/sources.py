@@ -1,10 +1,18 @@
 """Shard lists: expand a data spec (brace patterns, folders, globs, ``::``-joined sources) into
-shard URLs with per-source sampling weights."""
+shard URLs with per-source sampling weights; what ``make-shards`` recorded about each shard
+(``ShardManifest``), and the number of samples in a shard list (``count_samples``)."""
 from __future__ import annotations
 
 import glob
+import json
+import logging
 import os
+import tarfile
 from typing import Sequence
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "stats.json"  # written by make-shards beside its shards
 
 
 
@@ -75,6 +83,7 @@ def _expand_source(pattern: str) -> list[str]:
         elif glob.has_magic(name):
             out.extend(sorted(glob.glob(name)))
         elif os.path.isfile(name):
+            check_not_empty(name)
             out.append(name)
         else:
             missing.append(name)
@@ -83,3 +92,97 @@ def _expand_source(pattern: str) -> list[str]:
     if not out:
         raise FileNotFoundError(f"shard pattern {pattern!r} matches no file")
     return out
+
+
+def is_local(url: str) -> bool:
+    return not (url.startswith("pipe:") or "://" in url)
+
+
+def check_not_empty(path: str) -> None:
+    """A zero-byte shard is a user error (an interrupted copy): one line naming the file."""
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"shard {path} is empty (0 bytes): copy it again, re-run make-shards or leave it out of the pattern")
+
+
+class ShardManifest:
+    """What ``make-shards`` recorded about each shard file in the ``stats.json`` beside it.
+
+    ``lookup(url)`` gives ``(samples, bytes)`` as written, ``(None, None)`` for shards it did not
+    write (other tools, remote URLs). Old ``stats.json`` files without per-shard records give
+    counts derived from ``shard_size`` and the split's sample count, and no size.
+    """
+
+    def __init__(self) -> None:
+        self._dirs: dict[str, dict[str, tuple[int, int | None]]] = {}
+
+    def lookup(self, url: str) -> tuple[int | None, int | None]:
+        if not is_local(url):
+            return None, None
+        folder, name = os.path.split(os.path.abspath(url))
+        if folder not in self._dirs:
+            self._dirs[folder] = _read_manifest(os.path.join(folder, MANIFEST))
+        samples, size = self._dirs[folder].get(name, (None, None))
+        if size is not None and os.path.getsize(url) > size:
+            return None, None  # not the file make-shards wrote (replaced since): don't trust the record
+        return samples, size
+
+
+def _read_manifest(path: str) -> dict[str, tuple[int, int | None]]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            stats = json.load(f)
+        if "shard_samples" in stats:
+            sizes = stats.get("shard_bytes", {})
+            return {name: (int(n), None if sizes.get(name) is None else int(sizes[name])) for name, n in stats["shard_samples"].items()}
+        out: dict[str, tuple[int, int | None]] = {}
+        size = int(stats["options"]["shard_size"])
+        for split, files in stats["shard_files"].items():
+            for i, name in enumerate(files):
+                out[name] = (size if i < len(files) - 1 else int(stats["samples"][split]) - size * (len(files) - 1), None)
+        return out
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exn:
+        log.warning("%s: unreadable (%s: %s); counting samples by reading the shards", path, type(exn).__name__, exn)
+        return {}
+
+
+def count_samples(urls: Sequence[str], manifest: ShardManifest | None = None) -> int:
+    """Samples in a list of shards: the counts ``make-shards`` recorded (no tar is opened), else
+    the distinct keys read from the tar (tolerant: a damaged shard counts what precedes the damage).
+
+    Raises:
+        ValueError: a zero-byte shard.
+    """
+    manifest = manifest or ShardManifest()
+    total = 0
+    for url in urls:
+        if is_local(url):
+            check_not_empty(url)
+        samples, size = manifest.lookup(url)
+        if samples is None:
+            total += _count_by_reading(url)
+            continue
+        if size is not None and os.path.getsize(url) < size:
+            log.warning("shard %s is %d bytes, make-shards wrote %d: truncated; the samples past the cut will be counted "
+                        "as skipped", url, os.path.getsize(url), size)
+        total += samples
+    return total
+
+
+def _count_by_reading(url: str) -> int:
+    """Distinct sample keys of one shard's regular files, up to the first damage."""
+    import webdataset as wds
+
+    keys: set[str] = set()
+    damaged = None
+    try:  # local files: headers only (seeks over the data); other URLs: streamed
+        with (tarfile.open(url, "r:*") if is_local(url) else tarfile.open(fileobj=wds.gopen(url), mode="r|*")) as tf:
+            for info in tf:
+                if info.isreg():
+                    keys.add(info.name.rsplit("/", 1)[-1].split(".", 1)[0])
+    except (tarfile.TarError, OSError, EOFError) as exn:
+        damaged = f"{type(exn).__name__}: {exn}"
+    if damaged:
+        log.warning("shard %s is damaged (%s): %d samples counted before the damage", url, damaged, len(keys))
+    return len(keys)

@@ -30,6 +30,7 @@ class PipelineState:
         self.resume_from: dict | None = None  # LoaderPosition.state_dict()
         self.samples = 0  # samples this worker took from the shuffle buffer this epoch
         self.batches = 0
+        self.read_events = 0  # shard losses the reader met this epoch (see reader.ReadShards)
 
     def worker_info(self) -> tuple[int, int, int, int]:
         rank, world, worker, nworkers = wds.utils.pytorch_worker_info()
@@ -40,6 +41,16 @@ class PipelineState:
     def rng(self, *parts) -> random.Random:
         """A Random seeded by (seed, epoch, *parts): str seeds hash with SHA-512, no PYTHONHASHSEED."""
         return random.Random(":".join(map(str, (self.seed, self.epoch) + parts)))
+
+    def resume_point(self, worker: int, nworkers: int) -> dict:
+        """Where ``worker`` resumes: ``{"samples", "batches"[, "read_events"]}`` (zeros: the epoch's start)."""
+        pos = self.resume_from
+        if pos is None:
+            return {"samples": 0, "batches": 0}
+        if pos.get("num_workers") not in (None, nworkers):
+            raise RuntimeError(f"the resume position was saved with {pos['num_workers']} workers, this loader has {nworkers}; use the same number or restart the epoch")
+        workers = pos.get("workers", {})
+        return workers.get(str(worker), workers.get(worker, {"samples": 0, "batches": 0}))
 
 
 # --------------------------------------------------------------------------- stages
@@ -100,7 +111,7 @@ class TrackPosition:
     def __call__(self, src):
         state = self.state
         rank, _, worker, nworkers = state.worker_info()
-        start = _resume_point(state, worker, nworkers)
+        start = state.resume_point(worker, nworkers)
         state.samples = start["samples"]
         seen = 0
         for i, sample in enumerate(src):
@@ -112,16 +123,6 @@ class TrackPosition:
             yield sample
         if seen == 0:
             log.warning("rank %d worker %d got no samples this epoch: fewer shards than ranks x workers, or all unreadable", rank, worker)
-
-
-def _resume_point(state: PipelineState, worker: int, nworkers: int) -> dict:
-    pos = state.resume_from
-    if pos is None:
-        return {"samples": 0, "batches": 0}
-    if pos.get("num_workers") not in (None, nworkers):
-        raise RuntimeError(f"the resume position was saved with {pos['num_workers']} workers, this loader has {nworkers}; use the same number or restart the epoch")
-    workers = pos.get("workers", {})
-    return workers.get(str(worker), workers.get(worker, {"samples": 0, "batches": 0}))
 
 
 class DecodeImage:
@@ -318,7 +319,13 @@ def normalize_pixels(pixels: torch.Tensor, mean: Sequence[float], std: Sequence[
 
 class BatchSamples:
     """Batch as soon as ``batch_size`` samples are in (so ``position`` is exact), attach skip
-    counts and position, and stop after this worker's share of ``epoch_samples``."""
+    counts and position, and stop after this worker's share of ``epoch_samples``.
+
+    A full batch goes out when the next one is full or the stream ends: by then the reader has
+    finished the shards its samples came from, so the samples those shards lost
+    (``SkipCounter.lost``) travel with it even when they are found in the worker's last shard
+    and its last, partial batch is dropped (``drop_last``). Costs one batch of memory.
+    """
 
     def __init__(self, state: PipelineState, skips: SkipCounter, batch_size: int, collate: Callable, drop_last: bool, epoch_samples: int | None) -> None:
         self.state, self.skips, self.batch_size, self.collate = state, skips, batch_size, collate
@@ -326,30 +333,41 @@ class BatchSamples:
 
     def __call__(self, src):
         _, world, worker, nworkers = self.state.worker_info()
-        self.state.batches = _resume_point(self.state, worker, nworkers)["batches"]
+        self.state.batches = self.state.resume_point(worker, nworkers)["batches"]
         quota = None if self.epoch_samples is None else math.ceil(self.epoch_samples / (self.batch_size * world * nworkers))
         if quota is not None and self.state.batches >= quota:
             return
-        buf = []
+        buf, held = [], None
         for sample in src:
             buf.append(sample)
             self.skips.good()
             if len(buf) == self.batch_size:
-                yield self.finish(buf)
-                buf = []
+                if held is not None:
+                    yield self.release(held)
+                held, buf = self.finish(buf), []
                 if quota is not None and self.state.batches >= quota:
-                    return
-        if buf and not self.drop_last:
-            yield self.finish(buf)
+                    break
+        if held is not None:
+            yield self.release(held)
+        if buf and not self.drop_last and (quota is None or self.state.batches < quota):
+            yield self.release(self.finish(buf))
 
     def finish(self, samples: list[dict]) -> dict:
+        """Collate; attach the position and the sample skips as they stand now."""
         state = self.state
         batch = self.collate(samples)
         rank, _, worker, nworkers = state.worker_info()
         state.batches += 1
-        reasons = self.skips.pop_pending()
-        batch["skipped"] = torch.tensor(sum(reasons.values()), dtype=torch.long)
-        batch["skip_reasons"] = reasons
+        batch["skip_reasons"] = self.skips.pop_pending()
         batch["position"] = {"epoch": state.epoch, "rank": rank, "worker": worker, "num_workers": nworkers,
                              "samples": state.samples, "batches": state.batches}
+        return batch
+
+    def release(self, batch: dict) -> dict:
+        """Add the shard losses found so far (and how many loss events that makes, for resume)."""
+        reasons = batch["skip_reasons"]
+        for reason, n in self.skips.pop_lost().items():
+            reasons[reason] = reasons.get(reason, 0) + n
+        batch["skipped"] = torch.tensor(sum(reasons.values()), dtype=torch.long)
+        batch["position"]["read_events"] = self.state.read_events
         return batch
