@@ -104,10 +104,27 @@ def to_tensor(img: Image.Image, size: tuple[int, int], mean: Sequence[float], st
     t = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)  # (3, H, W) uint8
     if tuple(t.shape[1:]) != tuple(size):
         t = TF.resize(t, list(size), antialias=True)
-    x = t.float().div_(255.0)
-    m = torch.tensor(mean).view(3, 1, 1)
-    s = torch.tensor(std).view(3, 1, 1)
-    return (x - m) / s
+    return normalize_pixels(t, mean, std)
+
+
+def normalize_pixels(pixels: torch.Tensor, mean: Sequence[float], std: Sequence[float], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 pixels in 0..255, (3, H, W) or (B, 3, H, W) -> ``(x / 255 - mean) / std`` as ``dtype``,
+    on ``pixels.device`` (torchvision's ``ToTensor`` + ``Normalize``). The one pixel normalisation
+    of the project: inference, training batches and fine-tuning crops all call it.
+
+    Args:
+        pixels: uint8 (or already float 0..255) RGB pixels, channels first.
+        mean: per-channel mean on the 0..1 scale.
+        std: per-channel standard deviation on the 0..1 scale.
+        dtype: output dtype (computed in float32).
+
+    >>> normalize_pixels(torch.full((3, 1, 1), 255, dtype=torch.uint8), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)).flatten().tolist()
+    [1.0, 1.0, 1.0]
+    """
+    mean_t = torch.tensor(mean, dtype=torch.float32, device=pixels.device).view(3, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32, device=pixels.device).view(3, 1, 1)
+    out = pixels.to(torch.float32, copy=True).div_(255.0).sub_(mean_t).div_(std_t)  # never in place on the input
+    return out if dtype == torch.float32 else out.to(dtype)
 
 
 def sliding_windows(height: int, width: int, window: int, stride: int) -> list[tuple[int, int]]:

@@ -242,6 +242,19 @@ def test_make_shards_user_errors(tmp_path, capsys):
     assert S.run_make_shards(args) == 0 and len(list((tmp_path / "o2").glob("train-*.tar"))) == 2
 
 
+def test_flickr_parser_orders_by_k_and_reports_bad_lines(tmp_path):
+    from groupseg.captions import read_flickr_captions
+
+    f = tmp_path / "x.token.txt"
+    f.write_text("b.jpg#1\tsecond of b \nb.jpg#0\tfirst of b\n\na.jpg#0\tonly a\nnot a caption line\n")
+    bad = []
+    assert read_flickr_captions(f, bad) == {"b.jpg": ["first of b", "second of b"], "a.jpg": ["only a"]}
+    assert bad == [(5, "not a caption line")]
+    groups, bad_rows, fmt = S.read_captions(f)  # make-shards reads it through the same parser
+    assert fmt == "flickr" and groups == {"b.jpg": ["first of b", "second of b"], "a.jpg": ["only a"]}
+    assert bad_rows == [{"line": 5, "error": "not IMAGE#K<TAB>caption"}]
+
+
 # ----------------------------------------------------------------------------- expand_urls
 
 
@@ -293,7 +306,11 @@ def test_uint8_pixels_normalised_later_match(dataset):
     a = next(iter(pipeline(stats["urls"]["train"])))
     b = next(iter(pipeline(stats["urls"]["train"], normalize=False)))
     assert b["pixels"].dtype == torch.uint8 and a["keys"] == b["keys"]
-    torch.testing.assert_close(D.normalize_pixels(b["pixels"], MEAN, STD), a["pixels"])
+    assert torch.equal(D.normalize_pixels(b["pixels"], MEAN, STD), a["pixels"])
+    from groupseg.transforms import to_tensor  # inference normalises with the same function
+
+    img = Image.fromarray(b["pixels"][0].permute(1, 2, 0).numpy())
+    assert torch.equal(to_tensor(img, (32, 32), MEAN, STD), a["pixels"][0])
 
 
 def test_default_noun_extractor(dataset):

@@ -8,16 +8,16 @@ from __future__ import annotations
 
 import csv
 import json
-import re
 from pathlib import Path
 from typing import Iterator, Literal
+
+from groupseg.captions import parse_flickr_line, read_flickr_captions
 
 CaptionFormat = Literal["auto", "csv", "tsv", "jsonl", "coco", "flickr"]
 FORMATS = ("auto", "csv", "tsv", "jsonl", "coco", "flickr")
 # Header names accepted for the two columns of a CSV/TSV captions file (first match wins).
 IMAGE_COLUMNS = ("image", "file_name", "filename")
 CAPTION_COLUMNS = ("caption", "text")
-_FLICKR_LINE = re.compile(r"^(?P<image>[^\t#]+)#(?P<k>\d+)\t(?P<caption>.*)$")
 
 
 def detect_format(path: str | Path) -> str:
@@ -42,7 +42,7 @@ def detect_format(path: str | Path) -> str:
         if isinstance(first, dict) and ("annotations" in first or "images" in first):
             return "coco"
         return "jsonl"
-    if _FLICKR_LINE.match(head):
+    if parse_flickr_line(head) is not None:
         return "flickr"
     if name.endswith(".tsv"):
         return "tsv"
@@ -173,19 +173,12 @@ def _read_coco(path: Path, fmt: str) -> Iterator[tuple]:
 
 
 def _read_flickr(path: Path, fmt: str) -> Iterator[tuple]:
-    rows: dict[str, list[tuple[int, str]]] = {}
-    with open(path, encoding="utf-8-sig") as f:
-        for n, line in enumerate(f, 1):
-            line = line.rstrip("\r\n")
-            if not line.strip():
-                continue
-            m = _FLICKR_LINE.match(line)
-            if m is None:
-                yield n, None, "not IMAGE#K<TAB>caption"
-                continue
-            rows.setdefault(m["image"], []).append((int(m["k"]), m["caption"]))
-    for image, caps in rows.items():
-        for _, cap in sorted(caps, key=lambda kc: kc[0]):
+    bad: list[tuple[int, str]] = []
+    groups = read_flickr_captions(path, bad)
+    for n, _ in bad:
+        yield n, None, "not IMAGE#K<TAB>caption"
+    for image, caps in groups.items():
+        for cap in caps:
             yield None, image, cap
 
 

@@ -14,6 +14,8 @@ from typing import Callable, Iterator, Sequence
 import torch
 import webdataset as wds
 
+from groupseg.transforms import normalize_pixels
+
 from .skips import SampleError, SkipCounter
 
 log = logging.getLogger(__name__)
@@ -306,15 +308,6 @@ class Collate:
             "captions": [s["caption"] for s in samples],
             "texts": [[s["caption"], *s.get("prompts", ())] for s in samples],  # what ``text`` encodes
         }
-
-
-def normalize_pixels(pixels: torch.Tensor, mean: Sequence[float], std: Sequence[float], dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """uint8 (B, 3, H, W) in 0..255 -> ``(x / 255 - mean) / std`` as ``dtype``, on ``pixels.device``
-    (use it on the accelerator for batches built with ``normalize=False``)."""
-    std_t = torch.tensor(std, dtype=torch.float32, device=pixels.device).view(3, 1, 1)
-    mean_t = torch.tensor(mean, dtype=torch.float32, device=pixels.device).view(3, 1, 1)
-    out = pixels.to(torch.float32).mul_(1.0 / (255.0 * std_t)).sub_(mean_t / std_t)
-    return out if dtype == torch.float32 else out.to(dtype)
 
 
 class BatchSamples:
