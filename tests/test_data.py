@@ -314,7 +314,6 @@ def test_uint8_pixels_normalised_later_match(dataset):
 
 
 def test_default_noun_extractor(dataset):
-    pytest.importorskip("groupseg.training.nouns", reason="training/nouns.py not written yet")
     root, _, stats = dataset
     batch = next(iter(pipeline(stats["urls"]["train"], noun_fn=None, prompt_fn=None)))
     assert batch["text"].shape == (4, 4, 77)
@@ -466,6 +465,7 @@ def test_eval_pairs_in_order(dataset):
 # ----------------------------------------------------------------------------- real data
 
 
+@pytest.mark.needs_data
 def test_flickr8k_real_images(tmp_path):
     token = FLICKR / "Flickr8k.token.txt"
     if not token.is_file():

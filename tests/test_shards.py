@@ -158,6 +158,7 @@ def test_zero_byte_shard_is_a_one_line_error(sixty, tmp_path):
         assert "\n" not in str(e.value)
 
 
+@pytest.mark.slow
 @pytest.mark.subprocess
 def test_zero_byte_shard_cli_one_line(sixty, tmp_path):
     stats, urls = sixty
