@@ -114,15 +114,15 @@ def normalize_pixels(pixels: torch.Tensor, mean: Sequence[float], std: Sequence[
 
     Args:
         pixels: uint8 (or already float 0..255) RGB pixels, channels first.
-        mean: per-channel mean on the 0..1 scale.
+        mean: per-channel mean on the 0..1 scale (a sequence or a tensor of 3).
         std: per-channel standard deviation on the 0..1 scale.
         dtype: output dtype (computed in float32).
 
     >>> normalize_pixels(torch.full((3, 1, 1), 255, dtype=torch.uint8), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)).flatten().tolist()
     [1.0, 1.0, 1.0]
     """
-    mean_t = torch.tensor(mean, dtype=torch.float32, device=pixels.device).view(3, 1, 1)
-    std_t = torch.tensor(std, dtype=torch.float32, device=pixels.device).view(3, 1, 1)
+    mean_t = torch.as_tensor(mean, dtype=torch.float32, device=pixels.device).view(3, 1, 1)
+    std_t = torch.as_tensor(std, dtype=torch.float32, device=pixels.device).view(3, 1, 1)
     out = pixels.to(torch.float32, copy=True).div_(255.0).sub_(mean_t).div_(std_t)  # never in place on the input
     return out if dtype == torch.float32 else out.to(dtype)
 
