@@ -149,6 +149,14 @@ def test_old_stats_json_and_foreign_shards(sixty, tmp_path):
     assert len(keys) == 53 and pipe.skips.counts == {"read": 1}  # damage seen, how much lost unknown
 
 
+def test_shard_gone_during_the_epoch_is_counted_not_raised(sixty):
+    stats, urls = sixty
+    pipe = pipeline(urls)
+    Path(urls[0]).unlink()  # after the list was expanded
+    keys = [k for b in pipe for k in b["keys"]]
+    assert len(keys) == 40 and pipe.skips.counts == {"truncated shard train-000000.tar": 20}
+
+
 def test_zero_byte_shard_is_a_one_line_error(sixty, tmp_path):
     stats, urls = sixty
     Path(urls[1]).write_bytes(b"")

@@ -122,7 +122,11 @@ class ShardManifest:
         if folder not in self._dirs:
             self._dirs[folder] = _read_manifest(os.path.join(folder, MANIFEST))
         samples, size = self._dirs[folder].get(name, (None, None))
-        if size is not None and os.path.getsize(url) > size:
+        try:
+            actual = os.path.getsize(url)
+        except OSError:  # gone since the list was made: everything recorded is lost
+            actual = 0
+        if size is not None and actual > size:
             return None, None  # not the file make-shards wrote (replaced since): don't trust the record
         return samples, size
 
