@@ -519,3 +519,21 @@ def dataclasses_replace(cfg, **kw):
     import dataclasses
 
     return dataclasses.replace(cfg, **kw)
+
+
+def test_patch_tokens_come_from_the_model_api(tiny_weights, tmp_path):
+    model = groupseg.load_model(tiny_weights).eval()
+    px = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    grabbed = []  # what the fine-tuning head used to take with a hook: the first stage's last block, patch part
+    hook = model.visual.stages[0].blocks[-1].register_forward_hook(lambda m, i, o: grabbed.append(o))
+    with torch.no_grad():
+        g = model.encode_groups(px, 1, return_patch_tokens=True)
+        plain = model.encode_groups(px, 1)
+    hook.remove()
+    h, w = g["grid"]
+    assert g["patch_tokens"].shape == (2, h * w, model.visual.width) and "patch_tokens" not in plain
+    torch.testing.assert_close(g["patch_tokens"], grabbed[0][:, : h * w], rtol=0, atol=0)
+    torch.testing.assert_close(g["group_embeds"], plain["group_embeds"], rtol=0, atol=0)  # same segments either way
+    root = make_camvid_train(tmp_path / "camvid")
+    ft = FT.Finetuner(cfg_for(tmp_path, tiny_weights, root))
+    assert not any(m._forward_hooks for m in ft.head.modules())  # the head reaches into nothing

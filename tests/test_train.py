@@ -160,6 +160,8 @@ def test_config_errors(shards, tmp_path):
         load_config(None, {"precision": "fp64"})
     with pytest.raises(FileNotFoundError, match="config file not found"):
         load_config(str(tmp_path / "nope.yaml"))
+    with pytest.raises(ValueError, match="config key 'batch_size' must be >= 1, got 0"):
+        load_config(None, {"batch_size": "0"})
     assert parse_overrides(["--batch-size", "8", "--lr=0.1", "--lock-text"]) == {"batch_size": "8", "lr": "0.1", "lock_text": "true"}
     with pytest.raises(ValueError, match="no training data"):
         Trainer(load_config(None, _cfg(shards, tmp_path / "x", train_data="")))

@@ -63,6 +63,17 @@ class TrainConfig:
     resume: str = ""  # "" = fresh run, "auto" = latest valid checkpoint in output_dir, or a checkpoint directory
     export_dtype: Literal["fp32", "fp16", "bf16"] = "fp32"  # precision of the exported model weights
 
+    def __post_init__(self) -> None:
+        """Range checks, before any work: one-line ``ValueError`` naming the key."""
+        for name, lo in (("batch_size", 1), ("grad_accum", 1), ("save_every", 1), ("log_every", 1), ("epochs", 0),
+                         ("max_steps", 0), ("epoch_samples", 0), ("warmup_steps", 0), ("keep_last", 0), ("workers", 0),
+                         ("num_prompts", 0), ("shuffle_buffer", 0), ("eval_every", 0)):
+            if getattr(self, name) < lo:
+                raise ValueError(f"config key {name!r} must be >= {lo}, got {getattr(self, name)}")
+        for name in ("lr", "min_lr", "weight_decay", "clip_grad", "warmup_epochs", "eps"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"config key {name!r} must be >= 0, got {getattr(self, name)}")
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
