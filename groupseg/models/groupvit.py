@@ -58,7 +58,7 @@ class GroupViT(nn.Module):
         cfg: the model configuration.
 
     >>> import groupseg
-    >>> model = groupseg.create_model("groupvit-tiny-test")
+    >>> model = groupseg.create_model("groupvit-tiny-test").eval()
     >>> model.encode_image(torch.zeros(1, 3, 32, 32)).shape
     torch.Size([1, 16])
     """
