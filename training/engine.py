@@ -96,7 +96,7 @@ class MetricsWriter:
 
     Args:
         path: the file.
-        is_main: whether this process writes (every other rank only reads nothing and writes nothing).
+        is_main: whether this process writes; on every other rank each method does nothing.
     """
 
     def __init__(self, path: Path, is_main: bool = True) -> None:
