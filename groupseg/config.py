@@ -102,6 +102,9 @@ class ModelConfig:
     # stored vector ``tuned_class_embeds[i]`` for a class whose label is ``tuned_classes[i]``
     # and the text tower for every other word
     tuned_classes: list[str] = field(default_factory=list)
+    # row i of ``tuned_class_embeds`` belongs to class ``tuned_classes[tuned_owner[i]]`` (a class
+    # with synonyms keeps one tuned row per synonym and scores as its best); empty = one row per class
+    tuned_owner: list[int] = field(default_factory=list)
     # grouping stages that segment at inference (None = all); fine-tuning on the first stage's
     # segments records 1 here so the Segmenter segments the way the classifier was trained
     groupings: Optional[int] = None
@@ -111,6 +114,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         self.tuned_classes = list(self.tuned_classes)
+        self.tuned_owner = list(self.tuned_owner)
         if isinstance(self.vision, dict):
             self.vision = VisionConfig(**self.vision)
         if isinstance(self.text, dict):

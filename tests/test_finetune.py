@@ -7,7 +7,10 @@ import torch
 from PIL import Image
 
 import groupseg
-from training import finetune as FT
+from groupseg.layers.grouping import AssignAttention
+from groupseg.loss import segmentation as L
+from groupseg.training import finetune as FT
+from groupseg.training import finetune_data as FD
 
 RNG = np.random.default_rng(0)
 
@@ -35,39 +38,39 @@ def cfg_for(tmp_path: Path, weights: Path, root: Path, **kw) -> FT.FinetuneConfi
 
 
 def test_subsets_are_seeded_and_sized():
-    a = FT.select_subset(100, fraction=0.1, seed=3)
-    assert a == FT.select_subset(100, fraction=0.1, seed=3) and len(a) == 10 and a == sorted(a)
-    assert a != FT.select_subset(100, fraction=0.1, seed=4)
-    assert len(FT.select_subset(100, images=7, seed=0)) == 7
-    assert FT.select_subset(5) == [0, 1, 2, 3, 4]
-    assert FT.select_subset(5, images=0) == []
+    a = FD.select_subset(100, fraction=0.1, seed=3)
+    assert a == FD.select_subset(100, fraction=0.1, seed=3) and len(a) == 10 and a == sorted(a)
+    assert a != FD.select_subset(100, fraction=0.1, seed=4)
+    assert len(FD.select_subset(100, images=7, seed=0)) == 7
+    assert FD.select_subset(5) == [0, 1, 2, 3, 4]
+    assert FD.select_subset(5, images=0) == []
     for bad in (1.5, -0.1):
         with pytest.raises(ValueError, match=r"--fraction must be in \(0, 1\]"):
-            FT.select_subset(10, fraction=bad)
+            FD.select_subset(10, fraction=bad)
 
 
 def test_tags_hiding_and_weak_class_names():
     t = np.array([[0, 0, 8], [3, 255, 8]])
-    np.testing.assert_array_equal(FT.image_tags(t, 11).nonzero()[0], [0, 3, 8])
-    hidden = FT.hide_classes(t, [8])
+    np.testing.assert_array_equal(FD.image_tags(t, 11).nonzero()[0], [0, 3, 8])
+    hidden = FD.hide_classes(t, [8])
     np.testing.assert_array_equal(hidden, [[0, 0, 255], [3, 255, 255]])
-    assert FT.resolve_weak_classes("Car, sky", ["sky", "road", "car"]) == [0, 2]
+    assert FD.resolve_weak_classes("Car, sky", ["sky", "road", "car"]) == [0, 2]
     with pytest.raises(ValueError, match="'boat' is not a class of this dataset"):
-        FT.resolve_weak_classes("car,boat", ["sky", "road", "car"])
+        FD.resolve_weak_classes("car,boat", ["sky", "road", "car"])
 
 
 def test_median_frequency_weights_by_hand():
     a = np.array([[0, 0, 0, 1]])  # class 0: 3 of 4 pixels, class 1: 1 of 4
     b = np.array([[0, 2, 2, 255]])  # class 0: 1 of 3, class 2: 2 of 3 (ignore not counted)
-    w = FT.median_frequency_weights([a, b], 4)
+    w = FD.median_frequency_weights([a, b], 4)
     f = np.array([4 / 7, 1 / 4, 2 / 3])  # pixels / pixels of the images where the class appears
     np.testing.assert_allclose(w[:3].numpy(), np.median(f) / f, rtol=1e-6)
     assert w[3] == 1.0  # never seen: no pixel of it reaches the loss anyway
     rare = np.zeros((10, 10), np.int64)
     rare[0, 0] = 1
-    assert FT.median_frequency_weights([rare], 2, max_weight=10.0)[1] == 10.0  # capped
+    assert FD.median_frequency_weights([rare], 2, max_weight=10.0)[1] == 10.0  # capped
     # hidden weak pixels are IGNORE before counting: they never shape the weights either
-    assert FT.median_frequency_weights([FT.hide_classes(a, [1])], 2)[1] == 1.0
+    assert FD.median_frequency_weights([FD.hide_classes(a, [1])], 2)[1] == 1.0
 
 
 def test_patch_labels_majority_and_triplet_loss():
@@ -75,14 +78,14 @@ def test_patch_labels_majority_and_triplet_loss():
     t[0, :2, :2] = 1  # a pure cell
     t[0, 2:, 2:] = 2
     t[0, 2, 2] = 1  # still 3/4 class 2
-    lab = FT.patch_labels(t, (2, 2))
+    lab = L.patch_labels(t, (2, 2))
     assert lab.tolist() == [[[1, 255], [255, 2]]]
     feats = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
     labels = torch.tensor([0, 0, 1, 1])
-    assert FT.triplet_loss(feats, labels, margin=0.3).item() == 0.0  # well separated classes
+    assert L.triplet_loss(feats, labels, margin=0.3).item() == 0.0  # well separated classes
     # mixed-up classes: centred, each anchor's positive is opposite (distance 2) and no negative is
     # farther, so the farthest (also 2) counts: exactly the margin
-    mixed = FT.triplet_loss(feats, labels[[0, 2, 1, 3]], margin=0.3).item()
+    mixed = L.triplet_loss(feats, labels[[0, 2, 1, 3]], margin=0.3).item()
     assert mixed == pytest.approx(0.3, abs=1e-3)
 
 
@@ -101,7 +104,7 @@ def test_triplet_loss_matches_a_brute_force_semi_hard_reference():
             beyond = [d[a, n] for n in negs if d[a, n] > d[a, p]]
             d_neg = min(beyond) if beyond else max(d[a, n] for n in negs)  # semi-hard, else the farthest
             losses.append(max(0.0, float(d[a, p] - d_neg + 0.3)))
-    assert FT.triplet_loss(feats, labels, margin=0.3).item() == pytest.approx(sum(losses) / len(losses), abs=1e-4)
+    assert L.triplet_loss(feats, labels, margin=0.3).item() == pytest.approx(sum(losses) / len(losses), abs=1e-4)
 
 
 def test_triplet_stage_separates_classes_from_nearly_collapsed_features():
@@ -113,7 +116,7 @@ def test_triplet_stage_separates_classes_from_nearly_collapsed_features():
     opt = torch.optim.SGD([feats], lr=0.5)
     for _ in range(200):
         opt.zero_grad()
-        FT.triplet_loss(feats, labels, margin=0.3).backward()
+        L.triplet_loss(feats, labels, margin=0.3).backward()
         opt.step()
     f = feats.detach()
     spread = (f - f.mean(0)).norm(dim=1).mean()
@@ -180,8 +183,12 @@ def test_weak_pixels_never_reach_the_loss(tiny_weights, tmp_path, monkeypatch):
     ft.fit()
     assert seen and all(not (t == 8).any() for t in seen)
     assert comp_targets and all(not (t == 8).any() for t in comp_targets)  # the complementary loss sees only IGNORE
-    rec = (Path(ft.cfg.out) / "metrics.jsonl").read_text()
-    assert rec == "" or ("tag_loss" in rec and "comp_loss" in rec)
+    import json
+
+    recs = [json.loads(ln) for ln in (Path(ft.cfg.out) / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == [1, 2, 3]  # log_every=1: every step logged ...
+    assert all(r["tag_loss"] > 0 and r["comp_loss"] >= 0 and "ce_loss" in r for r in recs)  # ... with its weak-shot terms
+    assert len(seen) == len(comp_targets) == 3
 
 
 def test_finetune_writes_weights_that_segment_any_word(tiny_weights, tmp_path):
@@ -190,7 +197,9 @@ def test_finetune_writes_weights_that_segment_any_word(tiny_weights, tmp_path):
     out = FT.Finetuner(cfg).fit()
     model = groupseg.load_model(out)
     assert model.cfg.tuned_classes[:4] == ["sky", "building", "pole", "road"]
-    assert model.tuned_class_embeds.shape == (11, model.cfg.embed_dim)
+    # one tuned row per class name and synonym (CamVid: 11 classes, 9 with one synonym each)
+    assert model.tuned_class_embeds.shape == (20, model.cfg.embed_dim)
+    assert model.cfg.tuned_owner[:5] == [0, 1, 1, 2, 2] and model.tuned_class_rows("road").shape == (2, model.cfg.embed_dim)
     assert model.cfg.groupings == 1  # tuned on the first stage's segments, and segments with them
     assert (out / "loss_curve.png").exists() and (out / "subset.txt").read_text().split() == [f"f{i:03d}" for i in range(6)]
     seg = groupseg.Segmenter.from_pretrained(out, templates="simple")
@@ -198,10 +207,12 @@ def test_finetune_writes_weights_that_segment_any_word(tiny_weights, tmp_path):
     assert model.cfg.window == 32 and seg.window == 32  # segments in windows of the crop size it was tuned on
     assert groupseg.Segmenter.from_pretrained(out, window=0).window == 0
     labels, emb, owner = seg.class_embeddings(["road;street", "banana"])
-    torch.testing.assert_close(emb[0], model.tuned_class_embedding("road"))  # tuned class: its own vector
-    assert owner.tolist() == [0, 1]  # the synonym of a tuned class is not used; banana via the text tower
+    rows, own = model.tuned_class_rows("road"), emb[owner == 0]
+    assert len(own) in (1, len(rows))  # tuned class: its first tuned row, or all of them (one per tuned synonym) ...
+    torch.testing.assert_close(own, rows[: len(own)])  # ... never the text tower's embedding of "street"
+    assert owner.tolist()[-1] == 1 and int((owner == 1).sum()) == 1  # banana via the text tower
     base = groupseg.Segmenter.from_pretrained(tiny_weights, templates="simple")
-    torch.testing.assert_close(emb[1], base.word_embeddings(["banana"])[0])  # the text side is untouched ...
+    torch.testing.assert_close(emb[-1], base.word_embeddings(["banana"])[0])  # the text side is untouched ...
     moved = [k for k, v in base.model.state_dict().items() if k.startswith("visual.") and not torch.equal(v, model.state_dict()[k])]
     assert moved  # ... while the vision tower was fine-tuned
     res = seg.segment(root / "train" / "f000.png", ["road", "banana", "kite"])
@@ -224,10 +235,30 @@ def test_zero_images_is_the_zero_shot_model(tiny_weights, tmp_path):
 def test_classifier_starts_from_the_class_text_embeddings(tiny_weights, tmp_path):
     root = make_camvid_train(tmp_path / "camvid")
     vf = tmp_path / "names.txt"
-    vf.write_text("\n".join(f"thing{i}" for i in range(11)) + "\n")
+    names = [f"thing{i}" for i in range(11)]
+    vf.write_text("\n".join(["thing0;alias0"] + names[1:]) + "\n")  # class 0 has a synonym
     ft = FT.Finetuner(cfg_for(tmp_path, tiny_weights, root, vocab_file=str(vf)))
     seg = groupseg.Segmenter.from_pretrained(tiny_weights, templates="simple")
-    torch.testing.assert_close(ft.head.classifier.data, seg.word_embeddings([f"thing{i}" for i in range(11)]))
+    # one row per name, each its own prompt-ensembled embedding (not the sum of a class's synonyms)
+    torch.testing.assert_close(ft.head.classifier.data, seg.word_embeddings(["thing0", "alias0"] + names[1:]))
+    assert ft.head.owner.tolist() == [0, 0] + list(range(1, 11)) and ft.labels[0] == "thing0"
+
+
+def test_head_scores_synonyms_as_inference_at_initialisation(tiny_weights, tmp_path):
+    from groupseg.classify import class_logits
+
+    root = make_camvid_train(tmp_path / "camvid")
+    ft = FT.Finetuner(cfg_for(tmp_path, tiny_weights, root, assign_scale=0.0))  # the CamVid vocabulary, with synonyms
+    seg = groupseg.Segmenter.from_pretrained(tiny_weights, templates="simple")
+    labels, text, owner = seg.class_embeddings(ft.ds.vocab)
+    assert len(labels) == 11 and len(text) == 20  # synonyms: a class scores as its best name
+    px = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got = ft.head.eval()(px)["group_logits"]
+        g = seg.model.encode_groups(px, 1)
+        want = class_logits(g["group_embeds"].float(), text, owner, 11, seg.model.logit_scale.exp().clamp(max=100).float())
+    torch.testing.assert_close(got, want)
+    assert (got.argmax(-1) == want.argmax(-1)).all()
 
 
 def test_resume_auto_continues_and_fresh_run_refuses_old_checkpoints(tiny_weights, tmp_path):
@@ -276,11 +307,11 @@ def test_hard_grouping_loss_is_the_argmax_segment_with_a_soft_gradient():
     logits = torch.randn(1, 3, 4)  # (B, G, C)
     raw = torch.randn(1, 3, 2, 2, requires_grad=True)
     grouping = raw.softmax(1)
-    logp = FT.pixel_log_probs(logits, grouping, (2, 2), hard=True)
+    logp = L.pixel_log_probs(logits, grouping, (2, 2), hard=True)
     best = grouping.argmax(1)[0]  # (2, 2) group of each patch
     expect = logits.softmax(-1)[0][best].permute(2, 0, 1).log()  # (C, 2, 2): that group's class log-probs
     torch.testing.assert_close(logp[0], expect)
-    soft = FT.pixel_log_probs(logits, grouping, (2, 2))
+    soft = L.pixel_log_probs(logits, grouping, (2, 2))
     assert not torch.allclose(soft, logp)  # the soft mixture differs ...
     logp[0, 1].sum().backward()
     assert raw.grad is not None and raw.grad.abs().sum() > 0  # ... and the assignment still learns (straight-through)
@@ -295,11 +326,14 @@ def test_tag_scores_pool_patches_so_empty_groups_cannot_explain_a_tag():
     car = torch.tensor([1])
     p_car = torch.softmax(torch.tensor([9.0, 0.0]), 0)[1]  # group 1's car probability
     # the most car-like patch (group 2: 0.5) alone, then the mean of the top half (0.5 and group 1's)
-    torch.testing.assert_close(FT.tag_scores(logits, grouping, car, topk=0.25)[0, 0], torch.tensor(0.5))
-    torch.testing.assert_close(FT.tag_scores(logits, grouping, car, topk=0.5)[0, 0], (0.5 + p_car) / 2)
-    assert logits.softmax(-1)[0, :, 1].amax() > 0.99  # a max over groups would have called car present
+    torch.testing.assert_close(L.tag_scores(logits, grouping, car, topk=0.25)[0, 0], torch.tensor(0.5))
+    torch.testing.assert_close(L.tag_scores(logits, grouping, car, topk=0.5)[0, 0], (0.5 + p_car) / 2)
+    # the all-car group 0 owns no patch, so it explains nothing; give it pixel 3 and car is present
+    moved = grouping.clone()
+    moved.view(1, 3, 4)[0, :, 3] = torch.tensor([0.8, 0.1, 0.1])
+    assert L.tag_scores(logits, moved, car, topk=0.25)[0, 0] > 0.99
     # an absent tag pushes car down in the patches that score it, not in the empty group
-    score = FT.tag_scores(logits, grouping, car, topk=0.25)
+    score = L.tag_scores(logits, grouping, car, topk=0.25)
     torch.nn.functional.binary_cross_entropy(score, torch.zeros_like(score)).backward()
     g = logits.grad[0, :, 1]
     assert g[2] > 0 and g[0] == 0  # gradient descent lowers group 2's car logit; group 0 is untouched
@@ -312,11 +346,11 @@ def test_complementary_loss_gives_unclaimed_pixels_to_the_tagged_weak_classes():
     tags = torch.tensor([[1.0, 0.0], [0.0, 0.0]])  # image 0 shows weak class 2; image 1 no weak class
     weak = torch.tensor([2, 3])
     expect = -(logp[0, 2, 0, 1] + logp[0, 2, 1, 2]) / 12  # image 0's two unclaimed pixels, class 2 only, over all 12
-    torch.testing.assert_close(FT.complementary_loss(logp, target, weak, tags), expect)
+    torch.testing.assert_close(L.complementary_loss(logp, target, weak, tags), expect)
     both = torch.tensor([[1.0, 1.0], [0.0, 0.0]])  # both weak classes tagged: either may explain the pixel
     expect = -(torch.logaddexp(logp[0, 2, 0, 1], logp[0, 3, 0, 1]) + torch.logaddexp(logp[0, 2, 1, 2], logp[0, 3, 1, 2])) / 12
-    torch.testing.assert_close(FT.complementary_loss(logp, target, weak, both), expect)
-    assert FT.complementary_loss(logp, target, weak, torch.zeros(2, 2)) == 0  # no weak tag anywhere: no term
+    torch.testing.assert_close(L.complementary_loss(logp, target, weak, both), expect)
+    assert L.complementary_loss(logp, target, weak, torch.zeros(2, 2)) == 0  # no weak tag anywhere: no term
 
 
 def test_balanced_complementary_loss_lets_a_minority_tagged_class_win_where_it_is_likely():
@@ -328,7 +362,7 @@ def test_balanced_complementary_loss_lets_a_minority_tagged_class_win_where_it_i
     weak, tags = torch.tensor([1, 2]), torch.tensor([[1.0, 1.0]])
 
     def fence_grad(balance):
-        loss = FT.complementary_loss(logits.log_softmax(1), target, weak, tags, balance)
+        loss = L.complementary_loss(logits.log_softmax(1), target, weak, tags, balance)
         (g,) = torch.autograd.grad(loss, logits)
         return g[0, 2].reshape(-1)  # d loss / d fence logit, per pixel
 
@@ -340,7 +374,7 @@ def test_balanced_complementary_loss_lets_a_minority_tagged_class_win_where_it_i
     # by hand: fence mass 0.175, car 0.825; pixel 3's target 0.4 / 0.175 vs 0.6 / 0.825 -> fence 0.759
     torch.testing.assert_close(balanced[3], torch.tensor((0.4 - 0.759) / 4), atol=1e-3, rtol=0)
     torch.testing.assert_close(fence_grad(1e-9), plain, atol=1e-6, rtol=0)  # balance -> 0 is the plain loss ...
-    value = lambda b: FT.complementary_loss(logits.log_softmax(1), target, weak, tags, b).item()  # noqa: E731
+    value = lambda b: L.complementary_loss(logits.log_softmax(1), target, weak, tags, b).item()  # noqa: E731
     assert value(1e-9) == pytest.approx(value(0.0), abs=1e-6)  # ... in value too
 
 
@@ -363,7 +397,7 @@ def test_balanced_complementary_loss_matches_a_per_image_per_pixel_reference():
             t = t / t.sum()
             lp = torch.stack([logp[b, c][ij] for c in cls])
             total += float((t * (t.log() - lp)).sum())
-    got = FT.complementary_loss(logp, target, weak, tags, 0.5)
+    got = L.complementary_loss(logp, target, weak, tags, 0.5)
     assert got.item() == pytest.approx(total / target.numel(), rel=1e-5)
 
 
@@ -374,7 +408,7 @@ def test_assign_scale_sharpens_without_moving_segments_and_survives_export(tiny_
     px = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         a0 = model.visual(px).assignments[0]
-    FT.add_assign_scale(model, 20.0)
+    model.sharpen_assignments(20.0)
     with torch.no_grad():
         a1 = model.visual(px).assignments[0]
     assert a1.amax(1).mean() > a0.amax(1).mean()  # sharper soft assignment
@@ -383,7 +417,7 @@ def test_assign_scale_sharpens_without_moving_segments_and_survives_export(tiny_
     scales = [n for n, p in ft.head.named_parameters() if n.endswith("assign.logit_scale")]
     assert scales and all(p.requires_grad for n, p in ft.head.named_parameters() if n in scales)
     ft._train_mode()
-    assert all(not m.training for m in ft.head.modules() if isinstance(m, FT.AssignAttention))  # no Gumbel noise
+    assert all(not m.training for m in ft.head.modules() if isinstance(m, AssignAttention))  # no Gumbel noise
     assert ft.head.model.visual.training
     out = ft.fit()
     tuned = groupseg.load_model(out)
@@ -391,3 +425,117 @@ def test_assign_scale_sharpens_without_moving_segments_and_survives_export(tiny_
     assert any(k.endswith("assign.logit_scale") for k in tuned.state_dict())
     res = groupseg.Segmenter.from_pretrained(out, templates="simple").segment(img, ["road", "kite"])
     assert res.label_map.shape == (32, 48) and set(np.unique(res.label_map)) <= {0, 1}
+
+
+def test_optimizer_gives_norms_biases_and_scales_no_weight_decay(tiny_weights, tmp_path):
+    root = make_camvid_train(tmp_path / "camvid")
+    cfg = cfg_for(tmp_path, tiny_weights, root, weight_decay=0.05, lr=1e-3, backbone_lr_mult=0.3, assign_scale=20.0)
+    ft = FT.Finetuner(cfg)
+    opt = ft.build_optimizer()
+    decay = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    lr = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    named = dict(ft.head.named_parameters())
+    # each trainable parameter once (the text tower is frozen; the multi-label temperature is a pretraining loss's)
+    trainable = [n for n, p in named.items() if p.requires_grad and n != "model.multi_label_logit_scale"]
+    assert sorted(id(named[n]) for n in trainable) == sorted(decay)
+    # LayerNorms, biases, the logit scale, the assignment scales and the model's no_weight_decay() names take none
+    skip = {f"model.{n}" for n in ft.head.model.no_weight_decay()}
+    for n in ("model.visual.norm.weight", "model.visual.norm.bias", "model.visual_proj.fc2.bias", "model.logit_scale",
+              "model.visual.pos_embed", "model.visual.stages.0.group_token"):
+        assert n in named and decay[id(named[n])] == 0.0, n
+    scales = [n for n in named if n.endswith("assign.logit_scale")]
+    assert scales and all(decay[id(named[n])] == 0.0 for n in scales)
+    assert all(decay[id(named[n])] == 0.0 for n in named if n in skip and id(named[n]) in decay)
+    # weight matrices and the classifier keep it
+    for n in ("model.visual.stages.0.blocks.0.attn.qkv.weight", "model.visual_proj.fc2.weight", "classifier", "sim_head.0.weight"):
+        assert decay[id(named[n])] == 0.05, n
+    assert lr[id(named["model.visual.norm.weight"])] == pytest.approx(1e-3 * 0.3)  # the backbone's rate ...
+    assert lr[id(named["model.logit_scale"])] == lr[id(named[scales[0]])] == pytest.approx(1e-3)  # ... and the heads'
+
+
+def test_resume_on_a_non_main_process_leaves_metrics_alone(tiny_weights, tmp_path, monkeypatch):
+    import json
+
+    root = make_camvid_train(tmp_path / "camvid")
+    FT.Finetuner(cfg_for(tmp_path, tiny_weights, root, epochs=1)).fit()
+    metrics = tmp_path / "out" / "metrics.jsonl"
+    assert [json.loads(ln)["step"] for ln in metrics.read_text().splitlines()] == [1, 2, 3]
+    late = json.dumps({"step": 99, "epoch": 1, "loss": 1.0, "lr": 0.0}) + "\n"  # logged after the last checkpoint
+    metrics.write_text(metrics.read_text() + late)
+    before = metrics.read_text()
+    ft = FT.Finetuner(cfg_for(tmp_path, tiny_weights, root, epochs=1, resume="auto"))
+    with monkeypatch.context() as m:  # this process is rank 1 of 2: the file is the main process's to rewrite
+        m.setattr(type(ft.acc), "is_main_process", property(lambda self: False))
+        ft.fit()
+    assert ft.step == 3  # it did resume ...
+    assert metrics.read_text() == before  # ... without touching the main process's file
+    FT.Finetuner(cfg_for(tmp_path, tiny_weights, root, epochs=1, resume="auto")).fit()
+    assert [json.loads(ln)["step"] for ln in metrics.read_text().splitlines()] == [1, 2, 3]  # the main process trims it
+
+
+def _argv(cfg: FT.FinetuneConfig) -> list[str]:
+    """``groupseg finetune`` options that build ``cfg``."""
+    import dataclasses
+
+    out = ["finetune"]
+    for k, v in dataclasses.asdict(cfg).items():
+        flag = "--" + k.replace("_", "-")
+        if isinstance(v, bool):
+            out.append(flag if v else "--no-" + flag[2:])
+        elif isinstance(v, (tuple, list)):
+            out += [flag, *map(str, v)]
+        else:
+            out += [flag, str(v)]
+    return out
+
+
+@pytest.mark.slow
+def test_cli_resume_auto_skips_a_damaged_checkpoint_and_ends_bitwise_equal(tiny_weights, tmp_path, capsys, caplog):
+    from safetensors.torch import load_file
+
+    from groupseg.cli import main
+    from groupseg.training.checkpoint import list_checkpoints
+
+    root = make_camvid_train(tmp_path / "camvid")
+    ref = cfg_for(tmp_path, tiny_weights, root, epochs=8, out=str(tmp_path / "ref"))
+    FT.Finetuner(ref).fit()
+    run = cfg_for(tmp_path, tiny_weights, root, epochs=8, out=str(tmp_path / "run"))
+    assert main(_argv(run)) == 0
+    ckpts = Path(run.out) / "checkpoints"
+    assert [p.name for p in list_checkpoints(ckpts)] == ["ckpt-00000021", "ckpt-00000024"]  # every 7 epochs of 3 steps, and the last
+    newest = ckpts / "ckpt-00000024" / "model.safetensors"
+    newest.write_bytes(newest.read_bytes()[:-100])  # truncated
+    (Path(run.out) / "model.safetensors").unlink()  # the weights must come from the resumed run
+    capsys.readouterr()
+    assert main(_argv(dataclasses_replace(run, resume="auto"))) == 0
+    cap = capsys.readouterr()
+    skips = [r.getMessage() for r in caplog.records if "skipping checkpoint" in r.getMessage()]
+    assert len(skips) == 1 and "ckpt-00000024: model.safetensors has" in skips[0]  # one line, naming it and why
+    assert cap.out.strip().splitlines()[-1].endswith("48 labelled crops read over 24 steps, 0 skipped")
+    assert (ckpts / "ckpt-00000024.damaged").is_dir()  # kept, not deleted
+    a, b = load_file(str(Path(ref.out) / "model.safetensors")), load_file(str(Path(run.out) / "model.safetensors"))
+    assert a.keys() == b.keys() and not [k for k in a if not torch.equal(a[k], b[k])]
+
+
+def dataclasses_replace(cfg, **kw):
+    import dataclasses
+
+    return dataclasses.replace(cfg, **kw)
+
+
+def test_patch_tokens_come_from_the_model_api(tiny_weights, tmp_path):
+    model = groupseg.load_model(tiny_weights).eval()
+    px = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    grabbed = []  # what the fine-tuning head used to take with a hook: the first stage's last block, patch part
+    hook = model.visual.stages[0].blocks[-1].register_forward_hook(lambda m, i, o: grabbed.append(o))
+    with torch.no_grad():
+        g = model.encode_groups(px, 1, return_patch_tokens=True)
+        plain = model.encode_groups(px, 1)
+    hook.remove()
+    h, w = g["grid"]
+    assert g["patch_tokens"].shape == (2, h * w, model.visual.width) and "patch_tokens" not in plain
+    torch.testing.assert_close(g["patch_tokens"], grabbed[0][:, : h * w], rtol=0, atol=0)
+    torch.testing.assert_close(g["group_embeds"], plain["group_embeds"], rtol=0, atol=0)  # same segments either way
+    root = make_camvid_train(tmp_path / "camvid")
+    ft = FT.Finetuner(cfg_for(tmp_path, tiny_weights, root))
+    assert not any(m._forward_hooks for m in ft.head.modules())  # the head reaches into nothing

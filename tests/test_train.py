@@ -1,6 +1,7 @@
 """Training runs end to end: config errors, checkpoints, and bitwise-exact resume after SIGKILL."""
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import torch
 import yaml
 from PIL import Image
 
-from groupseg.training.checkpoint import latest_checkpoint, list_checkpoints
+from groupseg.training.checkpoint import latest_checkpoint, list_checkpoints, read_state, validate_checkpoint
 from groupseg.training.config import load_config, parse_overrides
 from groupseg.training.main import Trainer
 
@@ -71,6 +72,8 @@ def test_short_run_learns_and_exports(shards, tmp_path):
     assert torch.equal(again.state_dict()["logit_scale"], model.state_dict()["logit_scale"])
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_sigkill_and_resume_is_bitwise_exact(shards, tmp_path):
     ref = tmp_path / "ref"
     Trainer(load_config(None, _cfg(shards, ref))).fit()
@@ -81,22 +84,73 @@ def test_sigkill_and_resume_is_bitwise_exact(shards, tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.Popen([sys.executable, "-m", "groupseg.training.main", "--config", str(cfg_file)], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    kill_after = random.Random().randint(1, 6)  # a random checkpoint step to die after
+    rng = random.Random(21)
+    kill_after = rng.randint(1, 5)  # the checkpoint step to die after (of 8 steps, one checkpoint each)
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
         last = latest_checkpoint(run)
         if last is not None and int(last.name.split("-")[1]) >= kill_after:
-            time.sleep(random.random() * 0.3)  # die mid-step, maybe mid-checkpoint
+            time.sleep(rng.random() * 0.05)  # die mid-step, maybe mid-checkpoint
             break
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert latest_checkpoint(run) is not None, "the run died before its first checkpoint"
+    assert proc.returncode == -signal.SIGKILL, f"the run ended by itself (returncode {proc.returncode}) before the kill"
+    last = latest_checkpoint(run)
+    assert last is not None, "the run died before its first checkpoint"
+    killed_at = read_state(last)["step"]
+    assert kill_after <= killed_at < 8, f"the kill landed at step {killed_at}, not mid-run"
     Trainer(load_config(None, _cfg(shards, run, resume="auto"))).fit()
     a, b = _weights(ref), _weights(run)
     assert a.keys() == b.keys()
     diff = [k for k in a if not torch.equal(a[k], b[k])]
-    assert not diff, f"resumed weights differ in {diff[:3]} (killed after step >= {kill_after})"
+    assert not diff, f"resumed weights differ in {diff[:3]} (killed after step {killed_at})"
+
+
+@pytest.mark.slow
+def test_resume_auto_skips_damaged_checkpoints_and_ends_bitwise_equal(shards, tmp_path, caplog):
+    import logging
+
+    ref = tmp_path / "ref"
+    Trainer(load_config(None, _cfg(shards, ref, keep_last=3))).fit()
+    run = tmp_path / "run"
+    Trainer(load_config(None, _cfg(shards, run, keep_last=3))).fit()
+    assert [p.name for p in list_checkpoints(run)] == ["ckpt-00000006", "ckpt-00000007", "ckpt-00000008"]
+    newest = run / "ckpt-00000008" / "model.safetensors"
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # a copy cut short
+    (run / "ckpt-00000007" / "optimizer.bin").unlink()  # a file lost
+    assert "model.safetensors has" in validate_checkpoint(run / "ckpt-00000008")
+    assert validate_checkpoint(run / "ckpt-00000007") == "optimizer.bin is missing"
+    shutil.rmtree(run / "model")  # the weights must come from the resumed run
+    with caplog.at_level(logging.WARNING, logger="groupseg.train"):
+        trainer = Trainer(load_config(None, _cfg(shards, run, keep_last=3, resume="auto")))
+        trainer.fit()
+    skips = [r.getMessage() for r in caplog.records if "skipping checkpoint" in r.getMessage()]
+    assert len(skips) == 2 and "ckpt-00000008" in skips[0] and "optimizer.bin is missing" in skips[1]
+    assert all(len(m.splitlines()) == 1 for m in skips)
+    assert (run / "ckpt-00000008.damaged").is_dir() and (run / "ckpt-00000007.damaged").is_dir()  # kept, not deleted
+    a, b = _weights(ref), _weights(run)
+    assert not [k for k in a if not torch.equal(a[k], b[k])]
+    steps = [yaml.safe_load(ln)["step"] for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 9))  # resumed from step 6: steps 7 and 8 logged once each
+    assert trainer.summary() == "32 samples read, 0 skipped"  # 8 steps of 4, counted across the resume
+
+
+def test_validate_checkpoint_reads_safetensors_headers(tmp_path):
+    from safetensors.torch import save_file
+
+    d = tmp_path / "ckpt-00000001"
+    d.mkdir()
+    save_file({"w": torch.zeros(64)}, str(d / "model.safetensors"))
+    (d / "trainer_state.json").write_text("{}")  # written before sizes were recorded: the header check remains
+    assert validate_checkpoint(d) == ""
+    data = (d / "model.safetensors").read_bytes()
+    (d / "model.safetensors").write_bytes(data[:-10])
+    assert "describes" in validate_checkpoint(d)
+    (d / "model.safetensors").write_bytes(data[:5])
+    assert "truncated header" in validate_checkpoint(d)
+    (d / "trainer_state.json").write_text("{")
+    assert validate_checkpoint(d) == "unreadable trainer_state.json"
 
 
 def test_config_errors(shards, tmp_path):
@@ -106,6 +160,8 @@ def test_config_errors(shards, tmp_path):
         load_config(None, {"precision": "fp64"})
     with pytest.raises(FileNotFoundError, match="config file not found"):
         load_config(str(tmp_path / "nope.yaml"))
+    with pytest.raises(ValueError, match="config key 'batch_size' must be >= 1, got 0"):
+        load_config(None, {"batch_size": "0"})
     assert parse_overrides(["--batch-size", "8", "--lr=0.1", "--lock-text"]) == {"batch_size": "8", "lr": "0.1", "lock_text": "true"}
     with pytest.raises(ValueError, match="no training data"):
         Trainer(load_config(None, _cfg(shards, tmp_path / "x", train_data="")))
@@ -124,7 +180,7 @@ def test_shipped_configs_load_by_name():
         load_config("tiny-gpu")
 
 
-def test_resume_from_other_architecture_is_an_error(shards, tmp_path):
+def test_resume_from_other_architecture_is_an_error_and_writes_nothing(shards, tmp_path):
     out = tmp_path / "run"
     Trainer(load_config(None, _cfg(shards, out, max_steps=1))).fit()
     with pytest.raises(ValueError, match="already holds checkpoints.*--resume auto"):
@@ -132,8 +188,37 @@ def test_resume_from_other_architecture_is_an_error(shards, tmp_path):
     other = _cfg(shards, out, resume="auto", model_overrides={"embed_dim": 8})
     with pytest.raises(ValueError, match="different architecture"):
         Trainer(load_config(None, other)).fit()
+    new = tmp_path / "new"  # a refused resume leaves the new output folder unwritten (no config.yaml)
+    other = _cfg(shards, new, resume=str(latest_checkpoint(out)), model_overrides={"embed_dim": 8})
+    with pytest.raises(ValueError, match="different architecture"):
+        Trainer(load_config(None, other)).fit()
+    assert not new.exists()
 
 
+def test_train_help_lists_every_config_field_and_flags_override_the_file(capsys):
+    import dataclasses
+
+    from groupseg.cli import build_parser, main
+    from groupseg.training.config import TrainConfig
+    from groupseg.training.main import config_from_args
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for f in dataclasses.fields(TrainConfig):
+        assert f"--{f.name.replace('_', '-')}" in text, f.name
+    assert "[int, default: 64]" in text and "[one of auto, fp32, bf16, fp16, default: 'auto']" in text
+    assert "[float float, default: (0.9, 0.999)]" in text and "--lock-text, --no-lock-text" in text
+    argv = ["train", "--config", "tiny-cpu", "--batch-size", "32", "--lock-text", "--betas", "0.8", "0.9", "--eps=1e-6"]
+    args, unknown = build_parser(argv).parse_known_args(argv)
+    args.overrides = unknown
+    cfg = config_from_args(args)
+    tiny = load_config("tiny-cpu")
+    assert (cfg.batch_size, cfg.lock_text, cfg.betas, cfg.eps) == (32, True, (0.8, 0.9), 1e-6)
+    assert cfg.model == tiny.model and cfg.epochs == tiny.epochs  # the rest from the file
+
+
+@pytest.mark.subprocess
 def test_cli_train_errors_are_one_line(tmp_path):
     r = subprocess.run([sys.executable, "-m", "groupseg.cli", "train", "--config", str(tmp_path / "missing.yaml")],
                        capture_output=True, text=True, cwd=ROOT, timeout=120)
@@ -162,6 +247,7 @@ def test_segment_loss_terms_are_wired_into_training(shards, tmp_path):
     assert o["group_embeds"].shape == (2, stages[-1].num_output_groups, model.cfg.embed_dim)
 
 
+@pytest.mark.slow
 def test_bf16_autocast_run_tracks_fp32(shards, tmp_path):
     """precision auto picks bf16 on CPUs that have it: a short bf16 run's losses must match fp32's
     within noise, the noise being how far two fp32 runs with different seeds are apart."""

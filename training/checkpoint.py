@@ -1,8 +1,11 @@
-"""Atomic, resumable training checkpoints.
+"""Atomic, resumable, checked training checkpoints.
 
 A checkpoint is a directory ``ckpt-00000123`` written as ``ckpt-00000123.tmp`` and renamed
 only once complete (every file fsynced, ``trainer_state.json`` written last), so a kill at
 any moment leaves either the previous checkpoints or a ``.tmp`` that resume ignores.
+``trainer_state.json`` records the size of every other file (``files``); ``validate_checkpoint``
+checks them and the safetensors headers before a resume trusts the folder (a disk that filled
+up, a copy cut short). Damaged checkpoints are skipped and kept, never deleted.
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ from typing import Any
 
 _NAME = re.compile(r"^ckpt-(\d{8})$")
 STATE_FILE = "trainer_state.json"
+FILES_KEY = "files"  # in the state: {relative path: size in bytes} of every file written beside it
 
 
 def _fsync_tree(path: Path) -> None:
@@ -60,18 +64,22 @@ def save_checkpoint(output_dir: str | Path, step: int, write_fn, state: dict[str
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     write_fn(tmp)
-    (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
+    files = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+    (tmp / STATE_FILE).write_text(json.dumps({**state, FILES_KEY: files}, indent=2))
     _fsync_tree(tmp)
     if final.exists():
-        shutil.rmtree(final)
+        if validate_checkpoint(final):  # a damaged one (skipped at resume) is kept aside, never deleted
+            final.rename(_free_name(out / f"{final.name}.damaged"))
+        else:
+            shutil.rmtree(final)
     os.replace(tmp, final)
     fd = os.open(out, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
-    if keep_last > 0:
-        for old in list_checkpoints(out)[:-keep_last]:
+    if keep_last > 0:  # damaged checkpoints are left where they are
+        for old in [c for c in list_checkpoints(out) if not validate_checkpoint(c)][:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     for stale in out.glob("ckpt-*.tmp"):  # half-written leftovers of killed runs
         if stale != tmp:
@@ -84,3 +92,66 @@ def read_state(ckpt: str | Path) -> dict[str, Any]:
     if not p.is_file():
         raise FileNotFoundError(f"{ckpt}: not a complete checkpoint (no {STATE_FILE})")
     return json.loads(p.read_text())
+
+
+def _free_name(path: Path) -> Path:
+    n, cand = 1, path
+    while cand.exists():
+        n += 1
+        cand = path.with_name(f"{path.name}-{n}")
+    return cand
+
+
+def safetensors_problem(path: Path) -> str:
+    """Why a ``.safetensors`` file is unreadable ("" when its header parses and its data is all there)."""
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little") if size >= 8 else -1
+            if n < 0 or 8 + n > size:
+                return f"{path.name}: truncated header ({size} bytes)"
+            header = json.loads(f.read(n))
+    except (OSError, ValueError) as e:
+        return f"{path.name}: unreadable header ({e.__class__.__name__})"
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end != size:
+        return f"{path.name}: {size} bytes, its header describes {8 + n + end}"
+    return ""
+
+
+def validate_checkpoint(ckpt: str | Path) -> str:
+    """What is wrong with a checkpoint folder, in one phrase ("" when it is complete and readable).
+
+    Checks: ``trainer_state.json`` parses; every file it records is present with its recorded
+    size (checkpoints written before sizes were recorded: only the next check); every
+    ``.safetensors`` file's header is readable and describes exactly the bytes on disk.
+    """
+    ckpt = Path(ckpt)
+    try:
+        state = json.loads((ckpt / STATE_FILE).read_text())
+    except FileNotFoundError:
+        return f"no {STATE_FILE}"
+    except (OSError, ValueError):
+        return f"unreadable {STATE_FILE}"
+    for rel, size in (state.get(FILES_KEY) or {}).items():
+        p = ckpt / rel
+        if not p.is_file():
+            return f"{rel} is missing"
+        if p.stat().st_size != size:
+            return f"{rel} has {p.stat().st_size} bytes, {size} when saved"
+    for p in sorted(ckpt.rglob("*.safetensors")):
+        problem = safetensors_problem(p)
+        if problem:
+            return problem
+    return ""
+
+
+def latest_valid_checkpoint(output_dir: str | Path, on_skip=None) -> Path | None:
+    """The newest checkpoint that passes ``validate_checkpoint``; ``on_skip(path, why)`` hears of each newer damaged one."""
+    for ckpt in reversed(list_checkpoints(output_dir)):
+        problem = validate_checkpoint(ckpt)
+        if not problem:
+            return ckpt
+        if on_skip is not None:
+            on_skip(ckpt, problem)
+    return None

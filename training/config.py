@@ -1,4 +1,6 @@
-"""``TrainConfig``: one dataclass, set by YAML files, overridden by command-line flags."""
+"""``TrainConfig`` and ``FinetuneConfig``: dataclasses set by YAML files / defaults, overridden by
+command-line flags generated from their fields (``groupseg.dataclass_cli``). The comment after a
+field is its ``--help`` text."""
 from __future__ import annotations
 
 import dataclasses
@@ -10,6 +12,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+
+from groupseg.prompting import DEFAULT_TEMPLATES
 
 
 @dataclass
@@ -59,11 +63,99 @@ class TrainConfig:
     resume: str = ""  # "" = fresh run, "auto" = latest valid checkpoint in output_dir, or a checkpoint directory
     export_dtype: Literal["fp32", "fp16", "bf16"] = "fp32"  # precision of the exported model weights
 
+    def __post_init__(self) -> None:
+        """Range checks, before any work: one-line ``ValueError`` naming the key."""
+        for name, lo in (("batch_size", 1), ("grad_accum", 1), ("save_every", 1), ("log_every", 1), ("epochs", 0),
+                         ("max_steps", 0), ("epoch_samples", 0), ("warmup_steps", 0), ("keep_last", 0), ("workers", 0),
+                         ("num_prompts", 0), ("shuffle_buffer", 0), ("eval_every", 0)):
+            if getattr(self, name) < lo:
+                raise ValueError(f"config key {name!r} must be >= {lo}, got {getattr(self, name)}")
+        for name in ("lr", "min_lr", "weight_decay", "clip_grad", "warmup_epochs", "eps"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"config key {name!r} must be >= 0, got {getattr(self, name)}")
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def _required(help_: str) -> Any:
+    return field(default="", metadata={"required": True, "help": help_})
+
+
+@dataclass
+class FinetuneConfig:
+    dataset: str = _required("camvid, voc, ade20k, coco-stuff, imagenet-s, folder, ... (as groupseg eval)")
+    data_root: str = _required("the dataset's folder")
+    out: str = _required("output directory: groupseg weights + checkpoints/")
+    split: str = "train"
+    vocab_file: str = ""  # class names, one per line in label order (required for folder)
+    weights: str = ""  # starting weights ("" = the shipped model)
+    images: int = -1  # use N labelled images, a seeded subset (-1 = all)
+    fraction: float = 0.0  # or this fraction of the labelled images, in (0, 1] (0 = unset)
+    weak_classes: str = ""  # comma-separated classes with image-level tags only (weak-shot)
+    weak_loss: Literal["tags", "none"] = "tags"  # none = base-only fine-tuning
+    objective: Literal["ce", "mix-match"] = "mix-match"  # mix-match: triplets over patches of the labelled images for a third of the epochs, then per-pixel; ce: per-pixel only
+    groupings: int = 1  # train on the first N grouping stages' segments (1: the first stage's; 0 = all)
+    epochs: int = 30
+    min_steps: int = 1000  # small subsets run more epochs, so that every budget gets at least this many steps
+    mix_match_epochs: int = 0  # triplet-only epochs first for mix-match (0 = a third of the epochs)
+    seed: int = 0
+    batch_size: int = 8
+    lr: float = 1e-3  # classifier and projection head
+    backbone_lr_mult: float = 0.3  # the vision tower learns at lr * this
+    weight_decay: float = 0.01  # on weight matrices (norms, biases, scales, tokens take none)
+    class_weights: Literal["median-freq", "none"] = "median-freq"  # per-pixel loss balancing (SegNet's median frequency)
+    grouping_loss: Literal["soft", "hard"] = "hard"  # per-pixel loss on the soft group mixture, or on each patch's argmax group (straight-through)
+    assign_scale: float = 50.0  # > 0: learnable multiplier of the grouping logits, starting here (sharpens flat assignments)
+    assign_noise: bool = False  # Gumbel noise in the grouping assignment while training
+    warmup_epochs: float = 1.0
+    short_side: int = 448  # images are resized to this short side (times a random scale) ...
+    scale_range: tuple[float, float] = (0.75, 1.5)  # ... the random scale's range
+    crop_size: int = 256  # ... then randomly cropped to this square
+    margin: float = 0.3  # triplet margin (Euclidean distance of centred, normalised features)
+    patches_per_class: int = 32  # mix-match / similarity: patches sampled per class per batch
+    tag_weight: float = 0.5  # weight of the weak-shot tag loss
+    comp_weight: float = 1.0  # weak-shot complementary loss: pixels no base class claims go to the image's tagged weak classes (0 = off)
+    tag_topk: float = 0.02  # weak-shot tag loss: fraction of patches pooled per class (their mean scores the image)
+    comp_balance: float = 0.5  # complementary loss: each tagged weak class's share divided by its mean share of the unclaimed pixels ** this (0 = off)
+    sim_weight: float = 0.5  # weight of the weak-shot pixel-pair similarity terms
+    templates: str = DEFAULT_TEMPLATES  # prompt templates for the initial classifier
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    workers: int = 1
+    keep_last: int = 2  # checkpoints kept
+    resume: str = ""  # "auto" = continue from the latest valid checkpoint in OUT/checkpoints, or a checkpoint directory
+    log_every: int = 10
+
+    def __post_init__(self) -> None:
+        """Range checks, once, before any work: each a one-line ``ValueError`` naming the option."""
+        self.scale_range = tuple(self.scale_range)
+        if self.fraction and not 0.0 < self.fraction <= 1.0:
+            raise ValueError(f"--fraction must be in (0, 1], got {self.fraction}")
+        if self.fraction and self.images >= 0:
+            raise ValueError("--images and --fraction exclude each other: give one")
+        for name in ("assign_scale", "comp_weight", "tag_weight", "comp_balance", "sim_weight", "weight_decay"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {float(getattr(self, name))}")
+        if not 0 < self.tag_topk <= 1:
+            raise ValueError(f"--tag-topk must be in (0, 1], got {self.tag_topk}")
+        for name in ("epochs", "min_steps", "mix_match_epochs", "groupings", "keep_last", "workers"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        for name in ("batch_size", "crop_size", "short_side", "log_every", "patches_per_class"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0 or self.backbone_lr_mult < 0:
+            raise ValueError(f"--lr must be > 0 and --backbone-lr-mult >= 0, got {self.lr} and {self.backbone_lr_mult}")
+        for name in ("weak_loss", "objective", "class_weights", "grouping_loss", "precision"):
+            allowed = typing.get_args(typing.get_type_hints(FinetuneConfig)[name])
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
 
 
 def _fields() -> dict[str, dataclasses.Field]:

@@ -10,9 +10,9 @@ CPU with a fixed seed.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
-import math
 import sys
 import time
 from pathlib import Path
@@ -24,8 +24,12 @@ import groupseg
 from groupseg.loss import MultiLabelContrastiveLoss
 from groupseg.precision import resolve_precision
 
+from groupseg.dataclass_cli import add_dataclass_args
+
 from .checkpoint import latest_checkpoint, read_state, save_checkpoint
 from .config import TrainConfig, load_config, parse_overrides
+from .engine import MetricsWriter, choose_checkpoint, decay_groups, export_weights, warmup_cosine
+from .engine import build_optimizer as adamw
 
 log = logging.getLogger("groupseg.train")
 
@@ -93,36 +97,15 @@ def _deep_update(d: dict, u: dict) -> None:
             d[k] = v
 
 
-def fused_adamw(params) -> bool:
-    """Whether torch's fused AdamW can step ``params`` (CPU and CUDA tensors): on 2 CPU cores its
-    step over the 55.7 M gvit-s parameters is 2.8x faster than the default per-tensor loop
-    (``python benchmarks/train_step.py --optimizer-only``)."""
-    return all(p.device.type in ("cpu", "cuda") for p in params)
-
-
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     """AdamW, fused where torch has it; no weight decay on norms, biases, embeddings and group tokens."""
-    skip = model.no_weight_decay()
-    decay = [p for n, p in model.named_parameters() if p.requires_grad and n not in skip]
-    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and n in skip]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    kw: dict[str, Any] = {"lr": cfg.lr, "betas": cfg.betas, "eps": cfg.eps}
-    if fused_adamw(decay + no_decay):
-        kw["fused"] = True
-    return torch.optim.AdamW(groups, **kw)
+    groups = decay_groups(model.named_parameters(), cfg.weight_decay, model.no_weight_decay())
+    return adamw(groups, cfg.lr, cfg.betas, cfg.eps)
 
 
 def build_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int, warmup: int):
     """Linear warm-up to ``lr``, then cosine decay to ``min_lr``."""
-    floor = cfg.min_lr / cfg.lr if cfg.lr else 0.0
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        t = (step - warmup) / max(1, total_steps - warmup)
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
-
-    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    return warmup_cosine(opt, total_steps, warmup, cfg.min_lr / cfg.lr if cfg.lr else 0.0)
 
 
 # --------------------------------------------------------------------------- the run
@@ -186,6 +169,7 @@ class Trainer:
         self.epoch = 0
         self.batch_in_epoch = 0
         self.skipped: dict[str, int] = {}
+        self.samples_read = 0
         self.position = D.LoaderPosition()
         self.resume_position: dict | None = None
 
@@ -198,7 +182,8 @@ class Trainer:
     def state(self, positions: list) -> dict[str, Any]:
         return {
             "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
-            "total_steps": self.total_steps, "skipped": self.skipped, "model_config": self.model_cfg.to_dict(),
+            "total_steps": self.total_steps, "skipped": self.skipped, "samples_read": self.samples_read,
+            "model_config": self.model_cfg.to_dict(),
             "positions": positions,  # the data position of every rank
         }
 
@@ -215,46 +200,37 @@ class Trainer:
         acc.wait_for_everyone()
 
     def export(self, directory: Path) -> None:
-        """The model in groupseg's format, atomically (``groupseg segment --weights DIR`` reads it)."""
-        import shutil
-
+        """The model in groupseg's format (``groupseg segment --weights DIR`` reads it)."""
         dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[self.cfg.export_dtype]
-        tmp = directory.with_name(directory.name + ".tmp")
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        self.unwrapped.save_pretrained(tmp, dtype=dtype)
-        extra = getattr(self, "_export_extra", None)
-        if extra:
-            extra(tmp)
-        if directory.exists():
-            shutil.rmtree(directory)
-        tmp.rename(directory)
+        export_weights(self.unwrapped, directory, dtype, getattr(self, "_export_extra", None))
 
-    def resume(self) -> None:
+    def checked_resume(self) -> tuple[Path, dict] | None:
+        """The checkpoint to resume from and its state, checked before anything is written."""
         cfg = self.cfg
-        if not cfg.resume:
-            return
-        if cfg.resume == "auto":
-            ckpt = latest_checkpoint(self.out)
-            if ckpt is None:
-                log.info("no checkpoint in %s: starting fresh", self.out)
-                return
-        else:
-            ckpt = Path(cfg.resume)
+        if not cfg.resume and latest_checkpoint(self.out) is not None:
+            raise ValueError(
+                f"{self.out} already holds checkpoints of an earlier run: pass --resume auto to continue it, "
+                "or choose another --output-dir"
+            )
+        ckpt = choose_checkpoint(cfg.resume, self.out)
+        if ckpt is None:
+            return None
         st = read_state(ckpt)
         if st.get("model_config") != json.loads(json.dumps(self.model_cfg.to_dict())):
             raise ValueError(f"{ckpt}: checkpoint is of a different architecture than this run's model config")
-        self.accelerator.load_state(str(ckpt))
-        self.step, self.epoch, self.batch_in_epoch = st["step"], st["epoch"], st["batch_in_epoch"]
-        self.skipped = st.get("skipped", {})
         positions = st.get("positions") or []
         if len(positions) != self.accelerator.num_processes:
             raise ValueError(f"{ckpt}: saved by {len(positions)} processes, resumed with {self.accelerator.num_processes}")
-        self.resume_position = positions[self.accelerator.process_index]
-        metrics = self.out / "metrics.jsonl"
-        if metrics.exists() and self.accelerator.is_main_process:  # drop what was logged after the checkpoint
-            keep = [ln for ln in metrics.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= self.step]
-            metrics.write_text("".join(ln + "\n" for ln in keep))
+        return ckpt, st
+
+    def load(self, ckpt: Path, st: dict, metrics: MetricsWriter) -> None:
+        """Continue from a checked checkpoint (``checked_resume``)."""
+        self.accelerator.load_state(str(ckpt))
+        self.step, self.epoch, self.batch_in_epoch = st["step"], st["epoch"], st["batch_in_epoch"]
+        self.skipped = st.get("skipped", {})
+        self.samples_read = st.get("samples_read", 0)
+        self.resume_position = st["positions"][self.accelerator.process_index]
+        metrics.trim(self.step)  # the main process drops what was logged after the checkpoint
         log.info("resumed from %s at step %d (epoch %d, batch %d)", ckpt, self.step, self.epoch, self.batch_in_epoch)
 
     # ------------------------------------------------------------------ loop
@@ -315,69 +291,19 @@ class Trainer:
         from tqdm import tqdm
 
         acc, cfg = self.accelerator, self.cfg
+        resume = self.checked_resume()  # every check passes before anything is written
         self.out.mkdir(parents=True, exist_ok=True)
-        if not cfg.resume and latest_checkpoint(self.out) is not None:
-            raise ValueError(
-                f"{self.out} already holds checkpoints of an earlier run: pass --resume auto to continue it, "
-                "or choose another --output-dir"
-            )
         if acc.is_main_process:
             cfg.save(self.out / "config.yaml")
-        self.resume()
+        self.metrics = MetricsWriter(self.out / "metrics.jsonl", acc.is_main_process)
+        if resume is not None:
+            self.load(*resume, self.metrics)
         if cfg.tracker != "none":
             acc.init_trackers("groupseg", config={k: str(v) for k, v in cfg.to_dict().items()})
-        metrics_file = self.out / "metrics.jsonl"
         bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", disable=not acc.is_main_process)
-        window = {"t": time.perf_counter(), "wait": 0.0, "samples": 0}
-        running: dict[str, float] = {}
-        n_running = 0
+        self._new_window()
         while self.step < self.total_steps and self.epoch < cfg.epochs:
-            with torch.random.fork_rng(devices=[]):  # DataLoader.__iter__ draws a seed: keep the global RNG exact
-                it = iter(self.loader(self.epoch, self.resume_position))
-            if self.resume_position is not None:
-                self.position = self.D.LoaderPosition(self.resume_position)
-                self.resume_position = None
-            while self.batch_in_epoch < self.batches_per_epoch and self.step < self.total_steps:
-                t0 = time.perf_counter()
-                try:
-                    with torch.random.fork_rng(devices=[]):  # data loading never touches the model's RNG stream
-                        batch = next(it)
-                except StopIteration:
-                    break
-                window["wait"] += time.perf_counter() - t0
-                self.position.update(batch)
-                for k, v in batch.get("skip_reasons", {}).items():
-                    self.skipped[k] = self.skipped.get(k, 0) + int(v)
-                losses = self.train_step(batch)
-                self.batch_in_epoch += 1
-                window["samples"] += batch["pixels"].shape[0] * acc.num_processes
-                for k, v in losses.items():
-                    running[k] = running.get(k, 0.0) + v
-                n_running += 1
-                if not acc.sync_gradients:
-                    continue
-                self.scheduler.step()
-                self.step += 1
-                bar.update(1)
-                if self.step % cfg.log_every == 0 or self.step == self.total_steps:
-                    dt = time.perf_counter() - window["t"]
-                    rec = {k: v / n_running for k, v in running.items()}
-                    rec |= {
-                        "step": self.step, "epoch": self.epoch, "lr": self.scheduler.get_last_lr()[0],
-                        "samples_per_s": window["samples"] / dt, "data_wait": window["wait"] / dt,
-                        "skipped": sum(self.skipped.values()),
-                    }
-                    bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{rec['lr']:.2e}", sps=f"{rec['samples_per_s']:.1f}")
-                    if acc.is_main_process:
-                        with open(metrics_file, "a") as f:
-                            f.write(json.dumps(rec) + "\n")
-                    acc.log({k: v for k, v in rec.items() if k not in ("step",)}, step=self.step)
-                    running, n_running = {}, 0
-                    window = {"t": time.perf_counter(), "wait": 0.0, "samples": 0}
-                if cfg.eval_every and self.step % cfg.eval_every == 0:
-                    self.evaluate()
-                if self.step % cfg.save_every == 0:
-                    self.save()
+            self.train_epoch(bar)
             if self.step < self.total_steps:  # this epoch's data is used up: next epoch
                 self.epoch += 1
                 self.batch_in_epoch = 0
@@ -388,10 +314,73 @@ class Trainer:
             self.save()
         if cfg.val_data:
             self.evaluate()
-        if acc.is_main_process:
-            plot_loss_curve(metrics_file, self.out / "loss_curve.png")
+        self.metrics.plot(self.out / "loss_curve.png")
         acc.end_training()
         return self.unwrapped
+
+    def train_epoch(self, bar) -> None:
+        """Steps of the current epoch, from the saved data position when resuming."""
+        acc, cfg = self.accelerator, self.cfg
+        with torch.random.fork_rng(devices=[]):  # DataLoader.__iter__ draws a seed: keep the global RNG exact
+            it = iter(self.loader(self.epoch, self.resume_position))
+        if self.resume_position is not None:
+            self.position = self.D.LoaderPosition(self.resume_position)
+            self.resume_position = None
+        while self.batch_in_epoch < self.batches_per_epoch and self.step < self.total_steps:
+            t0 = time.perf_counter()
+            try:
+                with torch.random.fork_rng(devices=[]):  # data loading never touches the model's RNG stream
+                    batch = next(it)
+            except StopIteration:
+                break
+            win = self.window  # (a new one after each record)
+            win["wait"] += time.perf_counter() - t0
+            self.position.update(batch)
+            for k, v in batch.get("skip_reasons", {}).items():
+                self.skipped[k] = self.skipped.get(k, 0) + int(v)
+            losses = self.train_step(batch)
+            self.batch_in_epoch += 1
+            n = batch["pixels"].shape[0] * acc.num_processes
+            win["samples"] += n
+            self.samples_read += n
+            for k, v in losses.items():
+                win["sums"][k] = win["sums"].get(k, 0.0) + v
+            win["n"] += 1
+            if not acc.sync_gradients:
+                continue
+            self.scheduler.step()
+            self.step += 1
+            bar.update(1)
+            if self.step % cfg.log_every == 0 or self.step == self.total_steps:
+                self._log_window(bar)
+            if cfg.eval_every and self.step % cfg.eval_every == 0:
+                self.evaluate()
+            if self.step % cfg.save_every == 0:
+                self.save()
+
+    def _new_window(self) -> None:
+        self.window = {"t": time.perf_counter(), "wait": 0.0, "samples": 0, "sums": {}, "n": 0}
+
+    def _log_window(self, bar) -> None:
+        """Mean losses, rates and skip count since the last record: ``metrics.jsonl``, trackers, the bar."""
+        win = self.window
+        dt = time.perf_counter() - win["t"]
+        rec = {k: v / win["n"] for k, v in win["sums"].items()}
+        rec |= {
+            "step": self.step, "epoch": self.epoch, "lr": self.scheduler.get_last_lr()[0],
+            "samples_per_s": win["samples"] / dt, "data_wait": win["wait"] / dt,
+            "skipped": sum(self.skipped.values()),
+        }
+        bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{rec['lr']:.2e}", sps=f"{rec['samples_per_s']:.1f}")
+        self.metrics.write(rec)
+        self.accelerator.log({k: v for k, v in rec.items() if k not in ("step",)}, step=self.step)
+        self._new_window()
+
+    def summary(self) -> str:
+        """One line: samples read and skipped, by reason."""
+        skipped = sum(self.skipped.values())
+        reasons = ", ".join(f"{k} {v}" for k, v in sorted(self.skipped.items()) if v)
+        return f"{self.samples_read} samples read, {skipped} skipped" + (f" ({reasons})" if reasons else "")
 
     def evaluate(self) -> dict[str, float] | None:
         """Retrieval recall@K on ``val_data`` (uses eval/ when installed; never required)."""
@@ -421,48 +410,27 @@ class Trainer:
         return res
 
 
-def plot_loss_curve(metrics_file: Path, png: Path) -> None:
-    """Loss terms and learning rate against steps, from ``metrics.jsonl``."""
-    if not metrics_file.exists():
-        return
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    recs = [json.loads(ln) for ln in metrics_file.read_text().splitlines() if ln.strip()]
-    if not recs:
-        return
-    steps = [r["step"] for r in recs]
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-    keys = [k for k in dict.fromkeys(k for r in recs for k in r) if k == "loss" or k.endswith("_loss")]
-    for k in keys:  # terms may start later (e.g. after a warm-up stage): plot where they exist
-        pts = [(r["step"], r[k]) for r in recs if k in r]
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], label=k)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.grid(alpha=0.3)
-    ax2 = ax.twinx()
-    ax2.plot(steps, [r["lr"] for r in recs], color="grey", ls="--", lw=0.8, label="lr")
-    ax2.set_ylabel("learning rate")
-    ax.legend(loc="upper right")
-    fig.tight_layout()
-    fig.savefig(png)
-    plt.close(fig)
-
-
 # --------------------------------------------------------------------------- command line
 def add_train_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="YAML file setting TrainConfig fields")
-    p.set_defaults(overrides=[])  # any further --key value pairs override config fields
+    """``--config`` plus one option per ``TrainConfig`` field, each overriding the config file."""
+    p.add_argument("--config", help="YAML file or shipped config name setting TrainConfig fields")
+    add_dataclass_args(p.add_argument_group("TrainConfig fields (override the config file)"), TrainConfig, set_defaults=False)
+    p.set_defaults(overrides=[])  # further --key value pairs (unknown keys are an error)
     p.epilog = (p.epilog or "") + "example:\n  groupseg train --config tiny-cpu --batch-size 32 --resume auto\n"
 
 
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The config file (``--config``), then the field options given, then any ``--key value`` left over."""
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
+    return load_config(args.config, given | parse_overrides(list(args.overrides or [])))
+
+
 def run_train(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    cfg = load_config(args.config, parse_overrides(list(args.overrides or [])))
-    Trainer(cfg).fit()
-    print(f"done: weights in {Path(cfg.output_dir) / 'model'}")
+    trainer = Trainer(cfg)
+    trainer.fit()
+    print(f"done: weights in {Path(cfg.output_dir) / 'model'}; {trainer.summary()}")
     return 0
 
 

@@ -1,6 +1,7 @@
 """The two-tower GroupViT model."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -8,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from ..layers.grouping import AssignAttention
 from .text import build_text_tower
 from .vision import VisionOutput, VisionTower
 
@@ -56,7 +58,7 @@ class GroupViT(nn.Module):
         cfg: the model configuration.
 
     >>> import groupseg
-    >>> model = groupseg.create_model("groupvit-tiny-test")
+    >>> model = groupseg.create_model("groupvit-tiny-test").eval()
     >>> model.encode_image(torch.zeros(1, 3, 32, 32)).shape
     torch.Size([1, 16])
     """
@@ -74,7 +76,8 @@ class GroupViT(nn.Module):
         else:
             self.register_parameter("multi_label_logit_scale", None)
         if cfg.tuned_classes:  # fine-tuned class vectors, in the joint space (see ``ModelConfig``)
-            self.tuned_class_embeds = nn.Parameter(torch.zeros(len(cfg.tuned_classes), cfg.embed_dim))
+            rows = len(cfg.tuned_owner) or len(cfg.tuned_classes)
+            self.tuned_class_embeds = nn.Parameter(torch.zeros(rows, cfg.embed_dim))
         else:
             self.register_parameter("tuned_class_embeds", None)
         self.init_weights()
@@ -152,15 +155,19 @@ class GroupViT(nn.Module):
         x = x.reshape(*lead, -1)
         return F.normalize(x, dim=-1) if normalize else x
 
-    def encode_groups(self, pixels: torch.Tensor, groupings: int | None = None) -> dict[str, torch.Tensor | list | tuple]:
+    def encode_groups(
+        self, pixels: torch.Tensor, groupings: int | None = None, return_patch_tokens: bool = False
+    ) -> dict[str, torch.Tensor | list | tuple]:
         """Segment embeddings and how patches map onto them.
 
         Returns a dict with ``group_embeds`` (B, G, D) L2-normalised, ``image_embeds``
         (B, D) L2-normalised, ``grouping`` (B, G, h, w) soft maps over the patch grid
         (softmax over G), ``assignments`` (per-stage soft assignments) and ``grid``.
-        ``groupings`` limits the grouping stages used (see ``VisionTower.forward``).
+        ``groupings`` limits the grouping stages used (see ``VisionTower.forward``);
+        ``return_patch_tokens`` adds ``patch_tokens`` (B, h*w, width): the first grouping
+        stage's patch features, which its grouping reads (one per patch, in grid order).
         """
-        out = self.visual(pixels, groupings)
+        out = self.visual(pixels, groupings, return_patch_tokens=return_patch_tokens)
         groups = F.normalize(self.visual_proj(out.tokens), dim=-1)  # (B, G, D)
         image = F.normalize(self.visual_proj(out.pooled), dim=-1)
         if out.assignments:
@@ -169,13 +176,16 @@ class GroupViT(nn.Module):
             b, n = out.tokens.shape[:2]
             eye = torch.eye(n, device=pixels.device, dtype=groups.dtype).expand(b, n, n)
             grouping = eye.reshape(b, n, *out.grid)
-        return {
+        res = {
             "group_embeds": groups,
             "image_embeds": image,
             "grouping": grouping,
             "assignments": out.assignments,
             "grid": out.grid,
         }
+        if return_patch_tokens:
+            res["patch_tokens"] = out.patch_tokens
+        return res
 
     def segmentation_logits(self, pixels: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
         """Per-pixel class logits (B, C, H, W) at the input resolution.
@@ -195,18 +205,67 @@ class GroupViT(nn.Module):
         seg = torch.einsum("bcg,bghw->bchw", logits, grouping)
         return seg * scale
 
-    def set_tuned_classes(self, names: list[str], embeds: torch.Tensor) -> None:
-        """Store fine-tuned class vectors (C, D) for the class labels ``names`` (saved with the weights)."""
-        if len(names) != embeds.shape[0] or embeds.shape[-1] != self.cfg.embed_dim:
+    def set_tuned_classes(self, names: list[str], embeds: torch.Tensor, owner: list[int] | torch.Tensor | None = None) -> None:
+        """Store fine-tuned class vectors for the class labels ``names`` (saved with the weights).
+
+        Args:
+            names: C class labels.
+            embeds: (S, D) tuned rows: one per class, or one per synonym with ``owner``.
+            owner: (S,) index into ``names`` of each row (a class scores as its best row, as
+                ``groupseg.classify.class_logits`` does); ``None`` = one row per class.
+        """
+        owner = list(range(len(names))) if owner is None else [int(o) for o in owner]
+        if len(owner) != embeds.shape[0] or embeds.shape[-1] != self.cfg.embed_dim or set(owner) != set(range(len(names))):
             raise ValueError(f"{len(names)} names for tuned class vectors of shape {tuple(embeds.shape)}")
         self.cfg.tuned_classes = list(names)
+        self.cfg.tuned_owner = [] if owner == list(range(len(names))) else owner
         self.tuned_class_embeds = nn.Parameter(embeds.detach().to(self.logit_scale).clone(), requires_grad=False)
 
-    def tuned_class_embedding(self, label: str) -> torch.Tensor | None:
-        """The L2-normalised fine-tuned vector (D,) of a class label, or ``None`` when it has none."""
+    def clear_tuned_classes(self) -> None:
+        """Forget the fine-tuned class vectors: every word goes through the text tower again."""
+        self.cfg.tuned_classes, self.cfg.tuned_owner = [], []
+        if self.tuned_class_embeds is not None:
+            del self.tuned_class_embeds
+            self.register_parameter("tuned_class_embeds", None)
+
+    def tuned_class_rows(self, label: str) -> torch.Tensor | None:
+        """The L2-normalised fine-tuned rows (k, D) of a class label (k > 1: one per synonym), or ``None``."""
         if self.tuned_class_embeds is None or label not in self.cfg.tuned_classes:
             return None
-        return F.normalize(self.tuned_class_embeds[self.cfg.tuned_classes.index(label)].detach().float(), dim=-1)
+        c = self.cfg.tuned_classes.index(label)
+        owner = self.cfg.tuned_owner or list(range(len(self.cfg.tuned_classes)))
+        rows = [i for i, o in enumerate(owner) if o == c]
+        return F.normalize(self.tuned_class_embeds[rows].detach().float(), dim=-1)
+
+    def tuned_class_embedding(self, label: str) -> torch.Tensor | None:
+        """The L2-normalised fine-tuned vector (D,) of a class label (its first row), or ``None``."""
+        rows = self.tuned_class_rows(label)
+        return None if rows is None else rows[0]
+
+    def sharpen_assignments(self, init: float) -> list[nn.Parameter]:
+        """Give every grouping assignment that has none a learnable logit multiplier starting at ``init``.
+
+        Recorded in the model config (``vision.assign_scale_init``), so saved weights load with it.
+        Models trained on few photos assign patches with nearly flat logits (the shipped model's
+        first stage: mean max probability 0.03 over 64 groups), so a per-pixel loss on the soft
+        grouping barely localises; the multiplier lets fine-tuning sharpen them. The argmax
+        segments stay as they are.
+
+        Args:
+            init: the multiplier's starting value (> 0).
+
+        Returns:
+            the assignment scales (stored as logs), new and existing.
+        """
+        for m in self.modules():
+            if isinstance(m, AssignAttention) and m.logit_scale is None:
+                m.logit_scale = nn.Parameter(torch.tensor(math.log(init), device=m.qkv.weight.device))
+        self.cfg.vision.assign_scale_init = init
+        return self.assignment_scales()
+
+    def assignment_scales(self) -> list[nn.Parameter]:
+        """The learnable logit multipliers (logs) of the grouping assignments that have one."""
+        return [m.logit_scale for m in self.modules() if isinstance(m, AssignAttention) and m.logit_scale is not None]
 
     def project_text_features(self, features: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """(..., width) text-tower outputs (e.g. cached ones of a locked tower) -> (..., D) embeddings."""

@@ -70,18 +70,17 @@ class GroupingStage(nn.Module):
             x = blk(x)
         return x
 
-    def forward(
+    def attend(
         self, x: torch.Tensor, prev_groups: torch.Tensor | None, group: bool = True
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """x: (B, N, C). Returns (tokens out, this stage's group tokens, soft assignment (B, G, N) or None).
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The stage's blocks over [image tokens; group tokens], before any grouping.
 
-        ``group=False`` runs only the blocks over the image tokens: the tokens pass through unmerged.
+        Returns the image tokens (B, N, C) and this stage's group tokens (B, S, C), or ``None``
+        when the stage has none or ``group=False`` (then the blocks run over the image tokens alone).
         """
         n = x.shape[1]
-        if not group:
-            return (checkpoint(self._run_blocks, x, use_reentrant=False) if self.grad_checkpointing and torch.is_grad_enabled()
-                    else self._run_blocks(x)), None, None
-        if self.group_token is not None:
+        with_groups = group and self.group_token is not None
+        if with_groups:
             groups = self.group_token.expand(x.shape[0], -1, -1)
             if self.group_projector is not None and prev_groups is not None:
                 groups = groups + self.group_projector(prev_groups)
@@ -90,8 +89,17 @@ class GroupingStage(nn.Module):
             x = checkpoint(self._run_blocks, x, use_reentrant=False)
         else:
             x = self._run_blocks(x)
-        x, groups = (x[:, :n], x[:, n:]) if self.group_token is not None else (x, None)
-        if self.grouping is None:
+        return (x[:, :n], x[:, n:]) if with_groups else (x, None)
+
+    def forward(
+        self, x: torch.Tensor, prev_groups: torch.Tensor | None, group: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """x: (B, N, C). Returns (tokens out, this stage's group tokens, soft assignment (B, G, N) or None).
+
+        ``group=False`` runs only the blocks over the image tokens: the tokens pass through unmerged.
+        """
+        x, groups = self.attend(x, prev_groups, group)
+        if not group or self.grouping is None:
             return x, groups, None
         x, assignment = self.grouping(x, groups)  # (B, G, C), (B, G, N)
         return x, groups, assignment
@@ -103,6 +111,7 @@ class VisionOutput:
     pooled: torch.Tensor  # (B, C) mean of tokens
     assignments: list[torch.Tensor]  # per grouping stage: soft assignment (B, G_i, N_{i-1}), softmax over G_i
     grid: tuple[int, int]  # patch grid (h, w) of the input
+    patch_tokens: torch.Tensor | None = None  # (B, h*w, C) first stage's image tokens before its grouping (on request)
 
 
 class VisionTower(nn.Module):
@@ -130,20 +139,25 @@ class VisionTower(nn.Module):
     def width(self) -> int:
         return self.cfg.width
 
-    def forward(self, pixels: torch.Tensor, groupings: int | None = None) -> VisionOutput:
+    def forward(self, pixels: torch.Tensor, groupings: int | None = None, return_patch_tokens: bool = False) -> VisionOutput:
         """Encode images; ``groupings`` = how many grouping stages merge tokens (None = all).
 
         With fewer groupings the later stages' blocks run over the finer segments of the last
         grouping used (their group tokens are left out), e.g. ``groupings=1`` segments an image
-        into the first stage's 64 groups instead of the final 8.
+        into the first stage's 64 groups instead of the final 8. ``return_patch_tokens`` also
+        returns the first stage's image tokens after its blocks (one per patch, in grid order),
+        the features its grouping reads.
         """
         x, grid = self.patch_embed(pixels)  # (B, h*w, C)
         x = x + resize_pos_embed(self.pos_embed, grid)
-        groups, assignments = None, []
-        for stage in self.stages:
+        groups, assignments, patch_tokens = None, [], None
+        for i, stage in enumerate(self.stages):
             merge = groupings is None or len(assignments) < groupings
-            x, groups, assignment = stage(x, groups, group=merge)
-            if assignment is not None:
+            x, groups = stage.attend(x, groups, group=merge)
+            if i == 0 and return_patch_tokens:
+                patch_tokens = x  # (B, h*w, C)
+            if merge and stage.grouping is not None:
+                x, assignment = stage.grouping(x, groups)  # (B, G, C), (B, G, N)
                 assignments.append(assignment)
         x = self.norm(x)
-        return VisionOutput(tokens=x, pooled=x.mean(dim=1), assignments=assignments, grid=grid)
+        return VisionOutput(tokens=x, pooled=x.mean(dim=1), assignments=assignments, grid=grid, patch_tokens=patch_tokens)

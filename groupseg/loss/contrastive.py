@@ -1,4 +1,4 @@
-"""GroupViT's multi-label image-text contrastive loss.
+"""GroupViT's multi-label image-text contrastive loss (and its segment-level terms).
 
 ``loss = clip + w * multi_label``:
 

@@ -1,0 +1,157 @@
+"""Fine-tuning data: a seeded subset of a segmentation split, weak-class hiding, image tags,
+class weights and the random-scale / crop / flip samples the fine-tuning loop reads."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from groupseg.loss.segmentation import IGNORE
+from groupseg.transforms import load_image
+
+
+def select_subset(num: int, images: int = -1, fraction: float = 0.0, seed: int = 0) -> list[int]:
+    """Sorted indices of a seeded random subset of ``num`` labelled images."""
+    if fraction:
+        if not 0.0 < fraction <= 1.0:
+            raise ValueError(f"--fraction must be in (0, 1], got {fraction}")
+        k = max(1, int(round(fraction * num)))
+    elif images >= 0:
+        k = min(images, num)
+    else:
+        k = num
+    g = torch.Generator().manual_seed(seed)
+    return sorted(torch.randperm(num, generator=g)[:k].tolist())
+
+
+def resolve_weak_classes(spec: str, labels: Sequence[str]) -> list[int]:
+    """``"car, fence"`` -> class indices; a name not in the dataset is a one-line error."""
+    names = [s.strip() for s in spec.split(",") if s.strip()]
+    lower = [lab.lower() for lab in labels]
+    out = []
+    for n in names:
+        if n.lower() not in lower:
+            raise ValueError(f"--weak-classes: {n!r} is not a class of this dataset ({', '.join(labels)})")
+        out.append(lower.index(n.lower()))
+    return sorted(set(out))
+
+
+def vocab_targets(ds, sample) -> np.ndarray:
+    """A sample's label map in vocabulary indices (0..C-1), everything else ``IGNORE``.
+
+    Datasets scored with a background class keep background out of fine-tuning: GroupViT
+    predicts it by threshold, so it has no classifier of its own.
+    """
+    t = ds.load_target(sample)
+    out = np.full(t.shape, IGNORE, dtype=np.int64)
+    C = len(ds.vocab)
+    if ds.background:
+        keep = (t >= 1) & (t <= C)
+        out[keep] = t[keep] - 1
+    else:
+        keep = (t >= 0) & (t < C)
+        out[keep] = t[keep]
+    return out
+
+
+def image_tags(target: np.ndarray, num_classes: int) -> np.ndarray:
+    """(C,) float presence of each class in a vocabulary-index label map (ignore excluded)."""
+    v = target[target != IGNORE]
+    tags = np.zeros(num_classes, dtype=np.float32)
+    tags[np.unique(v)] = 1.0
+    return tags
+
+
+def hide_classes(target: np.ndarray, hidden: Sequence[int]) -> np.ndarray:
+    """Copy of ``target`` with the pixels of ``hidden`` classes set to ``IGNORE``."""
+    out = target.copy()
+    if len(hidden):
+        out[np.isin(out, np.asarray(hidden))] = IGNORE
+    return out
+
+
+def median_frequency_weights(targets: Sequence[np.ndarray], num_classes: int, max_weight: float = 10.0) -> torch.Tensor:
+    """SegNet's median frequency balancing: ``w_c = median(f) / f_c``.
+
+    ``f_c`` is class c's pixels over the pixels of the images in which c appears (``IGNORE``
+    excluded). Classes never seen get weight 1 (no pixel of theirs reaches the loss); weights
+    are capped at ``max_weight`` so that a class seen in a few pixels of one image cannot take
+    over a small subset.
+    """
+    pix = np.zeros(num_classes)
+    denom = np.zeros(num_classes)
+    for t in targets:
+        v = t[t != IGNORE]
+        counts = np.bincount(v, minlength=num_classes)[:num_classes]
+        pix += counts
+        denom[counts > 0] += v.size
+    seen = pix > 0
+    w = np.ones(num_classes)
+    if seen.any():
+        f = pix[seen] / denom[seen]
+        w[seen] = np.minimum(np.median(f) / f, max_weight)
+    return torch.tensor(w, dtype=torch.float32)
+
+
+class LabelledImages(torch.utils.data.Dataset):
+    """Random-scale, random-crop, flip samples of a segmentation split.
+
+    Each item is ``pixels`` (3, S, S) normalised, ``target`` (S, S) int64 with weak classes
+    hidden, and ``tags`` (C,) presence of each class in the crop, from its label map before hiding
+    (tags of the whole photo would name cars and people the crop does not show). Augmentation draws
+    from an RNG seeded by (seed, epoch, index): runs and resumed runs see the same crops.
+
+    Args:
+        ds: a ``groupseg.eval.datasets`` segmentation dataset.
+        indices: the samples used (``select_subset``).
+        cfg: a ``FinetuneConfig`` (seed, short_side, scale_range, crop_size).
+        hidden: class indices whose pixels are hidden (``IGNORE``).
+        mean: per-channel pixel mean of the model.
+        std: per-channel pixel standard deviation of the model.
+    """
+
+    def __init__(self, ds, indices: Sequence[int], cfg, hidden: Sequence[int],
+                 mean: Sequence[float], std: Sequence[float]) -> None:
+        self.ds, self.indices, self.cfg, self.hidden = ds, list(indices), cfg, list(hidden)
+        self.mean = torch.tensor(mean).view(3, 1, 1)
+        self.std = torch.tensor(std).view(3, 1, 1)
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        from PIL import Image
+
+        cfg = self.cfg
+        sample = self.ds.samples[self.indices[i]]
+        img = load_image(sample.image)
+        full = vocab_targets(self.ds, sample)
+        if full.shape != (img.height, img.width):
+            raise ValueError(f"{sample.label}: label map {full.shape[::-1]} does not match image {img.size}")
+        rng = np.random.default_rng([cfg.seed, self.epoch, self.indices[i]])
+        s = cfg.short_side * rng.uniform(*cfg.scale_range) / min(img.size)
+        w, h = max(1, round(img.width * s)), max(1, round(img.height * s))
+        img = img.resize((w, h), Image.BILINEAR)
+        lab = Image.fromarray(full.astype(np.uint8)).resize((w, h), Image.NEAREST)
+        px = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+        t = torch.from_numpy(np.asarray(lab, dtype=np.uint8).astype(np.int64))
+        S = cfg.crop_size
+        ph, pw = max(0, S - h), max(0, S - w)
+        if ph or pw:  # pad small images: zeros (mean after normalising) / ignore
+            px = F.pad(px, (0, pw, 0, ph))
+            t = F.pad(t, (0, pw, 0, ph), value=IGNORE)
+        y = int(rng.integers(0, px.shape[1] - S + 1))
+        x = int(rng.integers(0, px.shape[2] - S + 1))
+        px, t = px[:, y : y + S, x : x + S], t[y : y + S, x : x + S]
+        if rng.random() < 0.5:
+            px, t = px.flip(-1), t.flip(-1)
+        px = (px.float() / 255.0 - self.mean) / self.std
+        # the crop is the image the model sees: its tags come from its own (full) label map, then
+        # the weak classes' pixels are hidden
+        full = t.numpy()
+        tags = image_tags(full, len(self.ds.vocab))
+        target = torch.from_numpy(hide_classes(full, self.hidden))
+        return {"pixels": px, "target": target, "tags": torch.from_numpy(tags)}
