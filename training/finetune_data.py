@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from groupseg.loss.segmentation import IGNORE
-from groupseg.transforms import load_image
+from groupseg.transforms import load_image, normalize_pixels
 
 
 def select_subset(num: int, images: int = -1, fraction: float = 0.0, seed: int = 0) -> list[int]:
@@ -115,8 +115,7 @@ class LabelledImages(torch.utils.data.Dataset):
     def __init__(self, ds, indices: Sequence[int], cfg, hidden: Sequence[int],
                  mean: Sequence[float], std: Sequence[float]) -> None:
         self.ds, self.indices, self.cfg, self.hidden = ds, list(indices), cfg, list(hidden)
-        self.mean = torch.tensor(mean).view(3, 1, 1)
-        self.std = torch.tensor(std).view(3, 1, 1)
+        self.mean, self.std = tuple(mean), tuple(std)
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -148,7 +147,7 @@ class LabelledImages(torch.utils.data.Dataset):
         px, t = px[:, y : y + S, x : x + S], t[y : y + S, x : x + S]
         if rng.random() < 0.5:
             px, t = px.flip(-1), t.flip(-1)
-        px = (px.float() / 255.0 - self.mean) / self.std
+        px = normalize_pixels(px, self.mean, self.std)
         # the crop is the image the model sees: its tags come from its own (full) label map, then
         # the weak classes' pixels are hidden
         full = t.numpy()

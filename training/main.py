@@ -370,6 +370,7 @@ class Trainer:
             "step": self.step, "epoch": self.epoch, "lr": self.scheduler.get_last_lr()[0],
             "samples_per_s": win["samples"] / dt, "data_wait": win["wait"] / dt,
             "skipped": sum(self.skipped.values()),
+            "skip_reasons": {k: v for k, v in sorted(self.skipped.items()) if v},
         }
         bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{rec['lr']:.2e}", sps=f"{rec['samples_per_s']:.1f}")
         self.metrics.write(rec)
