@@ -56,14 +56,13 @@ def clip_loss(img, txt, scale):
     return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
 
 
-def step_fn(kind, model, opt, px, ids, bf16, attention_dtypes=None):
-    """One train step; ``attention_dtypes``: groupseg's CPU matmul-attention dtypes (None: the library's)."""
-    from groupseg.layers import attention
-
-    dtypes = set(attention.CPU_MATMUL_ATTENTION_DTYPES if attention_dtypes is None else attention_dtypes)
+def step_fn(kind, model, opt, px, ids, bf16, fused_attn=None):
+    """One train step; ``fused_attn``: groupseg's attention path (None: the library's default for the device and dtype)."""
+    from groupseg.layers.attention import set_fused_attn
 
     def run():
-        attention.CPU_MATMUL_ATTENTION_DTYPES = dtypes
+        if kind == "groupseg":
+            set_fused_attn(model, fused_attn)  # the same modules serve several rows: set the path each step
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             if kind == "transformers":
                 out = model(input_ids=ids, pixel_values=px)
@@ -182,7 +181,7 @@ def main() -> None:
     if args.memory_only:
         return peak_memory(args.batch, args.threads, args.optimizer)
     torch.set_num_threads(args.threads)
-    from groupseg.layers import attention
+    from groupseg.layers.attention import default_fused_attn
     from groupseg.tokenizer import tokenize
 
     hf, ours = build_pair(args)
@@ -196,9 +195,8 @@ def main() -> None:
         peak = matmul_peak(dtype)
         fns = {}
         # groupseg as the library runs it, and with the other attention path at this precision (before/after)
-        default = set(attention.CPU_MATMUL_ATTENTION_DTYPES)
-        matmul = dtype in default
-        alt = ("groupseg-sdpa", default - {dtype}) if matmul else ("groupseg-matmul", default | {dtype})
+        matmul = not default_fused_attn(torch.device("cpu"), dtype)
+        alt = ("groupseg-sdpa", True) if matmul else ("groupseg-matmul", False)
         impls = [("transformers", hf, None), ("groupseg", ours, None), (alt[0], ours, alt[1])]
         for kind, model, dts in impls:
             opt = make_optimizer(model, args.optimizer)
