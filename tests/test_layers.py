@@ -95,7 +95,7 @@ def test_any_input_size_and_no_weight_decay():
     assert "visual.stages.0.blocks.0.attn.qkv.weight" not in nwd
 
 
-def test_conv_stem_keeps_the_patch_grid_and_round_trips(tmp_path):
+def test_conv_stem_keeps_the_patch_grid():  # its save/load round trip: tests/test_weights.py
     from groupseg.layers.patch_embed import PatchEmbed
 
     for hw in ((32, 32), (40, 56), (37, 45)):
@@ -106,14 +106,6 @@ def test_conv_stem_keeps_the_patch_grid_and_round_trips(tmp_path):
         PatchEmbed(12, 3, 16, stem="conv")
     with pytest.raises(ValueError, match="unknown stem"):
         PatchEmbed(8, 3, 16, stem="hybrid")
-    cfg = groupseg.get_model_config("groupvit-tiny-test")
-    cfg.vision.stem = "conv"
-    model = groupseg.GroupViT(cfg).eval()
-    model.save_pretrained(tmp_path / "w")
-    loaded = groupseg.load_model(tmp_path / "w").eval()
-    assert loaded.cfg.vision.stem == "conv"
-    x = torch.randn(1, 3, 48, 40)
-    torch.testing.assert_close(model.encode_image(x), loaded.encode_image(x))
 
 
 def test_bf16_cpu_attention_matches_fp32_sdpa():
@@ -145,7 +137,7 @@ def test_fewer_groupings_give_the_finer_segments():
     torch.testing.assert_close(model.encode_groups(x, groupings=2)["group_embeds"], full["group_embeds"])
 
 
-def test_learnable_assignment_scale_sharpens_groups_and_round_trips(tmp_path):
+def test_learnable_assignment_scale_sharpens_groups():  # its save/load round trip: tests/test_weights.py
     torch.manual_seed(0)
     groups, x = torch.randn(2, 4, 16), torch.randn(2, 20, 16)
     plain = AssignAttention(16).eval()
@@ -163,11 +155,6 @@ def test_learnable_assignment_scale_sharpens_groups_and_round_trips(tmp_path):
     cfg.vision.assign_scale_init = 5.0
     model = groupseg.GroupViT(cfg).eval()
     assert "logit_scale" in "".join(n for n in model.no_weight_decay() if "assign" in n)
-    model.save_pretrained(tmp_path / "w")
-    loaded = groupseg.load_model(tmp_path / "w").eval()
-    assert loaded.cfg.vision.assign_scale_init == 5.0
-    x = torch.randn(1, 3, 32, 32)
-    torch.testing.assert_close(model.encode_image(x), loaded.encode_image(x))
 
 
 def test_attention_path_is_a_per_module_flag_and_both_paths_agree(monkeypatch):
