@@ -12,12 +12,14 @@ step (torch.utils.flop_counter) and the achieved fraction of a matmul peak measu
 run. Peak memory: each implementation and precision in a fresh subprocess (`--memory-only` runs just
 that part): the process's peak resident set (Linux VmHWM, reset through /proc/self/clear_refs once
 the models are built) over a warm-up step and two timed steps, minus its resident set before them.
+The output starts with the machine (CPU model, avx2 / avx512f / avx512_bf16 / amx_bf16) and every
+figure line names the CPU kind; on CPUs without native bf16 the bf16 rows say "not measured (no
+native bf16)" (emulated bf16 takes minutes a step, and no default picks it there).
 """
 from __future__ import annotations
 
 import argparse
 import gc
-import platform
 import subprocess
 import sys
 import statistics
@@ -27,14 +29,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-
-def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    return 2 * n**3 * reps / (time.perf_counter() - t0)
+from _machine import NOT_NATIVE_BF16, bf16_native, cpu_tag, machine_line, peak_line
 
 
 def build_pair(args):
@@ -147,6 +142,9 @@ def peak_memory(batch: int, threads: int, optimizer: str) -> None:
     print(f"\npeak memory of a train step (batch {batch}; fresh process each; MiB above the resident set before the steps, "
           "and the process's peak resident set over those steps):")
     for bf16 in (False, True):
+        if bf16 and not bf16_native():
+            print(f"  [bf16 autocast] {NOT_NATIVE_BF16}")
+            continue
         res = {}
         for kind in ("transformers", "groupseg"):
             cmd = [sys.executable, __file__, "--memory-child", kind, "--batch", str(batch), "--threads", str(threads),
@@ -156,7 +154,7 @@ def peak_memory(batch: int, threads: int, optimizer: str) -> None:
         label = "bf16 autocast" if bf16 else "fp32"
         for kind, (added, total) in res.items():
             print(f"  [{label}] {kind:12s} +{added:6.0f} MiB  (peak resident {total:6.0f} MiB)")
-        print(f"  [{label}] groupseg/transformers added memory: {res['groupseg'][0] / res['transformers'][0]:.2f}")
+        print(f"  [{label}] groupseg/transformers added memory: {res['groupseg'][0] / res['transformers'][0]:.2f} {cpu_tag()}")
 
 
 def main() -> None:
@@ -177,8 +175,10 @@ def main() -> None:
         return memory_child(args.memory_child, args.bf16, args.batch, args.threads, args.optimizer)
     if args.optimizer_only:
         torch.set_num_threads(args.threads)
+        print(machine_line())
         return optimizer_step_times(max(args.steps, 10))
     if args.memory_only:
+        print(machine_line())
         return peak_memory(args.batch, args.threads, args.optimizer)
     torch.set_num_threads(args.threads)
     from groupseg.layers.attention import default_fused_attn
@@ -188,11 +188,14 @@ def main() -> None:
     compiled = torch.compile(ours) if args.compile else None
     px = torch.randn(args.batch, 3, 224, 224)
     ids = tokenize([f"a photo of a thing number {i}" for i in range(args.batch)])
-    print(f"machine: {platform.processor() or platform.machine()}, {args.threads} threads, torch {torch.__version__}, "
-          f"{args.optimizer} AdamW on both sides")
+    print(machine_line() + f"; {args.optimizer} AdamW on both sides")
     for bf16 in (False, True):
         dtype = torch.bfloat16 if bf16 else torch.float32
-        peak = matmul_peak(dtype)
+        label = "bf16 autocast" if bf16 else "fp32"
+        peak_text, peak = peak_line("bf16" if bf16 else "fp32")
+        if peak is None:  # emulated bf16: a step takes minutes, and no default ever picks it here
+            print(f"\n[{label}] {NOT_NATIVE_BF16} {cpu_tag()}")
+            continue
         fns = {}
         # groupseg as the library runs it, and with the other attention path at this precision (before/after)
         matmul = not default_fused_attn(torch.device("cpu"), dtype)
@@ -217,13 +220,12 @@ def main() -> None:
                 t0 = time.perf_counter()
                 f()
                 times[k].append(time.perf_counter() - t0)
-        label = "bf16 autocast" if bf16 else "fp32"
-        print(f"\n[{label}] matmul peak {peak / 1e9:.0f} GFLOP/s (2048^3, same run)")
+        print(f"\n[{label}] {peak_text} {cpu_tag()}")
         med = {k: statistics.median(v) for k, v in times.items()}
         for k, t in med.items():
             print(f"  {k:12s} {1000 * t:8.0f} ms/step  {args.batch / t:6.1f} samples/s  {n_flops[k] / 1e9:5.0f} GFLOP/step  "
-                  f"{n_flops[k] / t / peak:5.1%} of peak")
-        print(f"  ratio groupseg/transformers speed: {med['transformers'] / med['groupseg']:.2f}x "
+                  f"{n_flops[k] / t / peak:5.1%} of peak {cpu_tag()}")
+        print(f"  ratio groupseg/transformers speed: {med['transformers'] / med['groupseg']:.2f}x {cpu_tag()} "
               f"(groupseg attention: {'plain matmuls' if matmul else 'scaled_dot_product_attention'})")
         print(f"  ratio {alt[0]}/transformers speed: {med['transformers'] / med[alt[0]]:.2f}x; "
               f"matmul attention vs SDPA: {(med['groupseg-sdpa'] / med['groupseg']) if matmul else (med['groupseg'] / med['groupseg-matmul']):.2f}x")
