@@ -32,13 +32,17 @@ import torch.nn.functional as F
 from _machine import NOT_NATIVE_BF16, bf16_native, cpu_tag, machine_line, peak_line
 
 
-def build_pair(args):
+def build_pair(config=None):
+    """(transformers GroupViTModel, groupseg GroupViT) with the same weights, in train mode.
+
+    ``config``: a transformers ``GroupViTConfig`` (default: the published gvit-s 2-stage one).
+    """
     from transformers import GroupViTConfig, GroupViTModel
 
     import groupseg
 
     torch.manual_seed(0)
-    hf = GroupViTModel(GroupViTConfig())  # the published gvit-s 2-stage configuration
+    hf = GroupViTModel(config or GroupViTConfig())
     d = tempfile.mkdtemp()
     hf.save_pretrained(d)
     ours = groupseg.load_model(d)
@@ -47,18 +51,18 @@ def build_pair(args):
 
 def clip_loss(img, txt, scale):
     logits = scale * img @ txt.T
-    labels = torch.arange(len(img))
+    labels = torch.arange(len(img), device=img.device)
     return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
 
 
 def step_fn(kind, model, opt, px, ids, bf16, fused_attn=None):
-    """One train step; ``fused_attn``: groupseg's attention path (None: the library's default for the device and dtype)."""
+    """One train step on ``px``'s device; ``fused_attn``: groupseg's attention path (None: the library's default)."""
     from groupseg.layers.attention import set_fused_attn
 
     def run():
         if kind == "groupseg":
             set_fused_attn(model, fused_attn)  # the same modules serve several rows: set the path each step
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(px.device.type, dtype=torch.bfloat16, enabled=bf16):
             if kind == "transformers":
                 out = model(input_ids=ids, pixel_values=px)
                 img, txt, scale = out.image_embeds, out.text_embeds, model.logit_scale.exp()
@@ -122,7 +126,7 @@ def memory_child(kind: str, bf16: bool, batch: int, threads: int, optimizer: str
     torch.set_num_threads(threads)
     from groupseg.tokenizer import tokenize
 
-    hf, ours = build_pair(None)
+    hf, ours = build_pair()
     model = hf if kind == "transformers" else ours
     del hf, ours
     gc.collect()
@@ -184,7 +188,7 @@ def main() -> None:
     from groupseg.layers.attention import default_fused_attn
     from groupseg.tokenizer import tokenize
 
-    hf, ours = build_pair(args)
+    hf, ours = build_pair()
     compiled = torch.compile(ours) if args.compile else None
     px = torch.randn(args.batch, 3, 224, 224)
     ids = tokenize([f"a photo of a thing number {i}" for i in range(args.batch)])

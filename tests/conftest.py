@@ -33,8 +33,14 @@ def pytest_configure(config: pytest.Config) -> None:
         config.args.append(str(LIBRARY))
 
 
+# fixtures that read the shared data: a test using one is marked needs_data
+DATA_FIXTURES = {"camvid_image"}
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
+        if DATA_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.needs_data)
         reason = KNOWN_BROKEN_DOCTESTS.get(item.name) if item.__class__.__name__ == "DoctestItem" else None
         if reason:
             item.add_marker(pytest.mark.xfail(reason=reason, strict=True))

@@ -32,6 +32,7 @@ def test_default_weights_are_shipped_small_and_self_contained():
         assert (SHIPPED_DIR / "tokenizer").is_dir()
 
 
+@pytest.mark.slow
 def test_default_model_segments_offline(offline):
     seg = groupseg.Segmenter.from_pretrained()
     # with no weights argument, no cache and no network, the model is the one shipped in the package
@@ -56,6 +57,8 @@ def test_default_model_segments_offline(offline):
     torch.testing.assert_close(txt.norm(dim=-1), torch.ones(3))
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_cli_segments_with_no_weights_argument(offline, tmp_path):
     env = dict(os.environ)
     r = subprocess.run([sys.executable, "-m", "groupseg.cli", "segment", str(DOCS / "cat.jpg"), "--vocab", "cat,grass,person",

@@ -231,6 +231,7 @@ def test_layers_take_activation_and_norm_types():
         get_act_layer("swish")
 
 
+@pytest.mark.slow
 @pytest.mark.subprocess
 def test_importing_the_model_imports_no_timm():
     import subprocess
