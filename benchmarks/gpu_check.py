@@ -83,7 +83,7 @@ def prompt_ids(batch: int, seed: int = 0) -> torch.Tensor:
 
 
 def train_step_part(args, dev: torch.device, precision: str, peak: float | None) -> dict:
-    from train_step import build_pair, flops, make_optimizer, step_fn
+    from train_step import alternate, build_pair, flops, make_optimizer, step_fn
 
     hf, ours = build_pair(tiny_hf_config() if args.tiny else None)
     hf, ours = hf.to(dev), ours.to(dev)
@@ -92,20 +92,9 @@ def train_step_part(args, dev: torch.device, precision: str, peak: float | None)
     bf16 = precision == "bf16"
     fns = {k: step_fn(k, m, make_optimizer(m, "fused"), px, ids, bf16) for k, m in (("transformers", hf), ("groupseg", ours))}
     n_flops = {k: flops(f) for k, f in fns.items()}  # each its own work (transformers runs all 77 tokens)
-    for _ in range(args.warmup):
-        for f in fns.values():
-            f()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(args.steps):  # alternating, so drifts hit both
-        for k, f in fns.items():
-            sync(dev)
-            t0 = time.perf_counter()
-            f()
-            sync(dev)
-            times[k].append(time.perf_counter() - t0)
+    med = alternate(fns, args.warmup, args.steps, sync=lambda: sync(dev))
     res: dict = {"precision": precision, "batch": args.batch, "config": "tiny" if args.tiny else "gvit-s 2-stage (published)"}
-    for k, v in times.items():
-        t = statistics.median(v)
+    for k, t in med.items():
         res[k] = {"ms_per_step": 1e3 * t, "samples_per_s": args.batch / t, "gflop_per_step": n_flops[k] / 1e9,
                   "mfu": n_flops[k] / t / peak if peak else None}
     res["speed_ratio_groupseg_over_transformers"] = res["transformers"]["ms_per_step"] / res["groupseg"]["ms_per_step"]

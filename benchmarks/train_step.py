@@ -161,6 +161,59 @@ def peak_memory(batch: int, threads: int, optimizer: str) -> None:
         print(f"  [{label}] groupseg/transformers added memory: {res['groupseg'][0] / res['transformers'][0]:.2f} {cpu_tag()}")
 
 
+def alternate(fns: dict, warmup: int, steps: int, sync=lambda: None) -> dict[str, float]:
+    """Median seconds per call of each function, calls alternating so drifts in machine load hit all."""
+    for _ in range(warmup):
+        for f in fns.values():
+            f()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(steps):
+        for k, f in fns.items():
+            sync()
+            t0 = time.perf_counter()
+            f()
+            sync()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def one_precision(args, hf, ours, compiled, px, ids, bf16: bool) -> None:
+    """Time and print one precision: transformers, groupseg, groupseg with the other attention path (and compiled)."""
+    from groupseg.layers.attention import default_fused_attn
+
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    label = "bf16 autocast" if bf16 else "fp32"
+    peak_text, peak = peak_line("bf16" if bf16 else "fp32")
+    if peak is None:  # emulated bf16: a step takes minutes, and no default ever picks it here
+        print(f"\n[{label}] {NOT_NATIVE_BF16} {cpu_tag()}")
+        return
+    # groupseg as the library runs it, and with the other attention path at this precision (before/after)
+    matmul = not default_fused_attn(torch.device("cpu"), dtype)
+    alt = ("groupseg-sdpa", True) if matmul else ("groupseg-matmul", False)
+    impls = [("transformers", hf, None), ("groupseg", ours, None), (alt[0], ours, alt[1])]
+    fns = {kind: step_fn(kind.split("-")[0], model, make_optimizer(model, args.optimizer), px, ids, bf16, fused)
+           for kind, model, fused in impls}
+    n_flops = {k: flops(f) for k, f in fns.items()}  # each counts its own work (transformers pads text to 77)
+    if args.compile:  # same parameters, its own optimizer; the first two calls compile forward and backward
+        fns["groupseg-compiled"] = step_fn("groupseg", compiled, make_optimizer(ours, args.optimizer), px, ids, bf16)
+        t0 = time.perf_counter()
+        fns["groupseg-compiled"]()
+        print(f"torch.compile of groupseg's train step ({'bf16' if bf16 else 'fp32'}): {time.perf_counter() - t0:.0f} s")
+        n_flops["groupseg-compiled"] = n_flops["groupseg"]  # the same model work
+    med = alternate(fns, args.warmup, args.steps)
+    print(f"\n[{label}] {peak_text} {cpu_tag()}")
+    for k, t in med.items():
+        print(f"  {k:12s} {1000 * t:8.0f} ms/step  {args.batch / t:6.1f} samples/s  {n_flops[k] / 1e9:5.0f} GFLOP/step  "
+              f"{n_flops[k] / t / peak:5.1%} of peak {cpu_tag()}")
+    print(f"  ratio groupseg/transformers speed: {med['transformers'] / med['groupseg']:.2f}x {cpu_tag()} "
+          f"(groupseg attention: {'plain matmuls' if matmul else 'scaled_dot_product_attention'})")
+    print(f"  ratio {alt[0]}/transformers speed: {med['transformers'] / med[alt[0]]:.2f}x; "
+          f"matmul attention vs SDPA: {(med['groupseg-sdpa'] / med['groupseg']) if matmul else (med['groupseg'] / med['groupseg-matmul']):.2f}x")
+    if args.compile:
+        print(f"  ratio groupseg-compiled/transformers speed: {med['transformers'] / med['groupseg-compiled']:.2f}x; "
+              f"compiled vs eager groupseg: {med['groupseg'] / med['groupseg-compiled']:.2f}x")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch", type=int, default=8)
@@ -185,7 +238,6 @@ def main() -> None:
         print(machine_line())
         return peak_memory(args.batch, args.threads, args.optimizer)
     torch.set_num_threads(args.threads)
-    from groupseg.layers.attention import default_fused_attn
     from groupseg.tokenizer import tokenize
 
     hf, ours = build_pair()
@@ -194,48 +246,7 @@ def main() -> None:
     ids = tokenize([f"a photo of a thing number {i}" for i in range(args.batch)])
     print(machine_line() + f"; {args.optimizer} AdamW on both sides")
     for bf16 in (False, True):
-        dtype = torch.bfloat16 if bf16 else torch.float32
-        label = "bf16 autocast" if bf16 else "fp32"
-        peak_text, peak = peak_line("bf16" if bf16 else "fp32")
-        if peak is None:  # emulated bf16: a step takes minutes, and no default ever picks it here
-            print(f"\n[{label}] {NOT_NATIVE_BF16} {cpu_tag()}")
-            continue
-        fns = {}
-        # groupseg as the library runs it, and with the other attention path at this precision (before/after)
-        matmul = not default_fused_attn(torch.device("cpu"), dtype)
-        alt = ("groupseg-sdpa", True) if matmul else ("groupseg-matmul", False)
-        impls = [("transformers", hf, None), ("groupseg", ours, None), (alt[0], ours, alt[1])]
-        for kind, model, dts in impls:
-            opt = make_optimizer(model, args.optimizer)
-            fns[kind] = step_fn(kind.split("-")[0], model, opt, px, ids, bf16, dts)
-        n_flops = {k: flops(f) for k, f in fns.items()}  # each counts its own work (transformers pads text to 77)
-        if args.compile:  # same parameters, its own optimizer; the first two calls compile forward and backward
-            fns["groupseg-compiled"] = step_fn("groupseg", compiled, make_optimizer(ours, args.optimizer), px, ids, bf16)
-            t0 = time.perf_counter()
-            fns["groupseg-compiled"]()
-            print(f"torch.compile of groupseg's train step ({'bf16' if bf16 else 'fp32'}): {time.perf_counter() - t0:.0f} s")
-            n_flops["groupseg-compiled"] = n_flops["groupseg"]  # the same model work
-        times = {k: [] for k in fns}
-        for _ in range(args.warmup):
-            for f in fns.values():
-                f()
-        for _ in range(args.steps):  # alternate so drifts in machine load hit both
-            for k, f in fns.items():
-                t0 = time.perf_counter()
-                f()
-                times[k].append(time.perf_counter() - t0)
-        print(f"\n[{label}] {peak_text} {cpu_tag()}")
-        med = {k: statistics.median(v) for k, v in times.items()}
-        for k, t in med.items():
-            print(f"  {k:12s} {1000 * t:8.0f} ms/step  {args.batch / t:6.1f} samples/s  {n_flops[k] / 1e9:5.0f} GFLOP/step  "
-                  f"{n_flops[k] / t / peak:5.1%} of peak {cpu_tag()}")
-        print(f"  ratio groupseg/transformers speed: {med['transformers'] / med['groupseg']:.2f}x {cpu_tag()} "
-              f"(groupseg attention: {'plain matmuls' if matmul else 'scaled_dot_product_attention'})")
-        print(f"  ratio {alt[0]}/transformers speed: {med['transformers'] / med[alt[0]]:.2f}x; "
-              f"matmul attention vs SDPA: {(med['groupseg-sdpa'] / med['groupseg']) if matmul else (med['groupseg'] / med['groupseg-matmul']):.2f}x")
-        if args.compile:
-            print(f"  ratio groupseg-compiled/transformers speed: {med['transformers'] / med['groupseg-compiled']:.2f}x; "
-                  f"compiled vs eager groupseg: {med['groupseg'] / med['groupseg-compiled']:.2f}x")
+        one_precision(args, hf, ours, compiled, px, ids, bf16)
     peak_memory(args.batch, args.threads, args.optimizer)
     print("\nCUDA rows: not measured (no GPU in this run)")
 
