@@ -4,6 +4,9 @@ and with N DataLoader workers. Also times the decode + crop paths (torchvision v
 
 Without --shards it first writes shards of the first --images Flickr8k images into a temp dir.
 
+The output starts with the machine (CPU model and flags) and an fp32 matmul peak of the same run;
+every figure line names the CPU kind.
+
 Example:
     python benchmarks/data.py --workers 2
     python benchmarks/data.py --shards "shards/train-{000000..000009}.tar" --image-size 224
@@ -22,9 +25,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from training import data as D  # noqa: E402
-from training import shards as S  # noqa: E402
+from _machine import cpu_tag, print_header  # noqa: E402  (also puts the checkout on sys.path)
+from groupseg.training import data as D  # noqa: E402
+from groupseg.training import shards as S  # noqa: E402
 
 FLICKR = Path(__file__).resolve().parents[2] / "shared" / "data" / "flickr8k"
 CLIP_MEAN, CLIP_STD = (0.4815, 0.4578, 0.4082), (0.2686, 0.2613, 0.2758)
@@ -118,16 +121,18 @@ def main() -> int:
         print(f"nouns: {noun_fns()[2]}; image_size {args.image_size}, batch {args.batch_size}, k={args.num_prompts}")
 
         torch.set_num_threads(1)
+        print_header(("fp32",))  # the pipeline does no matmuls; the peak places the machine
+        tag = cpu_tag()
         dec = decode_paths(urls, args.image_size)
-        print("decode+crop+flip per image: " + ", ".join(f"{k} {v:.2f} ms" for k, v in dec.items()))
+        print("decode+crop+flip per image: " + ", ".join(f"{k} {v:.2f} ms" for k, v in dec.items()) + f" {tag}")
         rate, n = run(urls, args, 0)
-        print(f"0 workers (1 thread, per-worker figure): {rate:7.1f} samples/s  ({n} samples)")
+        print(f"0 workers (1 thread, per-worker figure): {rate:7.1f} samples/s  ({n} samples) {tag}")
         print(f"CPU cores here: {os.cpu_count()} (workers share them with the main process)")
         if args.workers > 0:
             for normalize in (True, False):
                 rate_w, n = run(urls, args, args.workers, normalize)
                 what = "float pixels" if normalize else "uint8 pixels (normalize=False)"
-                print(f"{args.workers} workers, {what:31s} {rate_w:7.1f} samples/s  ({n} samples)")
+                print(f"{args.workers} workers, {what:31s} {rate_w:7.1f} samples/s  ({n} samples) {tag}")
     return 0
 
 

@@ -5,6 +5,9 @@ captions, mean nouns per caption per backend, micro precision/recall/F1 of the o
 over (caption, noun) pairs, the fraction of captions whose first-3-noun sets are identical, and
 the speed of both backends. Needs NLTK's ``averaged_perceptron_tagger_eng`` data.
 
+The output starts with the machine (CPU model and flags) and an fp32 matmul peak of the same run
+(the extractors do no matmuls: it places the machine); speed lines name the CPU kind.
+
 Example:
     python benchmarks/nouns_agreement.py --data /work/shared/data/flickr8k --split dev
 """
@@ -15,6 +18,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from _machine import cpu_tag, print_header
 from groupseg.training.nouns import extract_nouns, load_lexicon, nltk_tagger_resource
 
 SPLIT_FILES = {"dev": "Flickr_8k.devImages.txt", "train": "Flickr_8k.trainImages.txt"}
@@ -48,6 +52,7 @@ def main(argv: list[str] | None = None) -> None:
 
     if nltk_tagger_resource() is None:
         raise SystemExit("NLTK tagger data not found: install averaged_perceptron_tagger_eng (see training/nouns.py)")
+    print_header(("fp32",))
     captions = read_captions(args.data, args.split)
     if args.limit:
         captions = captions[: args.limit]
@@ -76,8 +81,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"mean nouns/caption, offline: {sum(map(len, off)) / len(off):.3f}")
     print(f"offline vs nltk: precision {precision:.4f}  recall {recall:.4f}  F1 {f1:.4f}")
     print(f"captions with identical first-3-noun sets: {same3:.4f}")
-    print(f"speed, nltk:    {ref_rate:,.0f} captions/s")
-    print(f"speed, offline: {off_rate:,.0f} captions/s")
+    print(f"speed, nltk:    {ref_rate:,.0f} captions/s {cpu_tag()}")
+    print(f"speed, offline: {off_rate:,.0f} captions/s {cpu_tag()}")
     if args.show_errors:
         print("offline-only nouns:", false_pos.most_common(args.show_errors))
         print("nltk-only nouns:   ", false_neg.most_common(args.show_errors))

@@ -13,6 +13,9 @@ one template (it has no text cache: every call encodes the prompts, padded to 77
 crop size) and also times, in the same run, merging the windows' scores per region of the window
 overlay (``groupseg.segment._WindowMerge``, the code path) against per pixel (the previous code,
 kept here as the reference), alternating, on the same model outputs, and checks they agree.
+
+The output starts with the machine (CPU model and flags) and a same-run matmul peak per precision;
+every figure line names the CPU kind; bf16 rows say "not measured (no native bf16)" on CPUs without it.
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ import time
 
 import torch
 
+from _machine import NOT_NATIVE_BF16, bf16_native, cpu_tag, print_header
 from groupseg.prompting import DEFAULT_TEMPLATES
 
 
@@ -112,33 +116,38 @@ def main() -> None:
     p.add_argument("--window", type=int, default=None, help="sliding-window side (default: the weights' own)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    from groupseg.precision import cpu_has_bf16
     from groupseg.prompting import load_templates, shipped_vocab
 
+    print_header(("fp32", "bf16"))
+    tag = cpu_tag()
     vocab = shipped_vocab("nouns_large")[: args.words]
     n_t = len(load_templates(args.templates))
     print(f"{len(vocab)} words x {n_t} templates ({args.templates}), {args.image} at a 448 px short side, "
-          f"{args.threads} threads, cpu bf16: {cpu_has_bf16()}, window: {args.window}")
+          f"{args.threads} threads, window: {args.window}")
     if args.window:
         n, regions, old, new = time_window_merge(args.weights, args.image, vocab, args.templates, args.window, args.repeats)
         print(f"window merge ({n} windows, {regions} regions): per pixel {old:.3f} s, per region {new:.3f} s: "
-              f"{old / new:.1f}x faster (same run, same model outputs, labels agree)")
-    res: dict[str, list] = {"fp32": [], "bf16": []}
+              f"{old / new:.1f}x faster (same run, same model outputs, labels agree) {tag}")
+    precisions = ("fp32", "bf16") if bf16_native() else ("fp32",)
+    res: dict[str, list] = {p: [] for p in precisions}
     for _ in range(args.rounds):
-        for prec in ("fp32", "bf16"):
+        for prec in precisions:
             res[prec].append(time_groupseg(args.weights, args.image, vocab, args.templates, prec, args.repeats, args.window))
     for prec, rows in res.items():
         first = statistics.median(r[0] for r in rows)
         text = statistics.median(r[1] for r in rows)
         cached = statistics.median(r[2] for r in rows)
-        print(f"groupseg text {prec}: first call {first:.2f} s (prompt encoding {text:.2f} s), cached calls {cached:.3f} s")
-    f32 = statistics.median(r[0] for r in res["fp32"])
-    b16 = statistics.median(r[0] for r in res["bf16"])
-    print(f"first call, bf16 vs fp32 prompt encoding: {f32 / b16:.2f}x faster")
+        print(f"groupseg text {prec}: first call {first:.2f} s (prompt encoding {text:.2f} s), cached calls {cached:.3f} s {tag}")
+    if "bf16" not in res:
+        print(f"groupseg text bf16: {NOT_NATIVE_BF16} {tag}")
+    else:
+        f32 = statistics.median(r[0] for r in res["fp32"])
+        b16 = statistics.median(r[0] for r in res["bf16"])
+        print(f"first call, bf16 vs fp32 prompt encoding: {f32 / b16:.2f}x faster {tag}")
     if not args.no_transformers:
         full, img = time_transformers(vocab, max(2, args.repeats // 2))
         print(f"transformers GroupViT (224 px, {len(vocab)} prompts x 1 template, every call): {full:.2f} s per call; "
-              f"image tower alone {img:.3f} s; 448 px: not possible (fixed input size)")
+              f"image tower alone {img:.3f} s; 448 px: not possible (fixed input size) {tag}")
 
 
 if __name__ == "__main__":

@@ -12,12 +12,14 @@ step (torch.utils.flop_counter) and the achieved fraction of a matmul peak measu
 run. Peak memory: each implementation and precision in a fresh subprocess (`--memory-only` runs just
 that part): the process's peak resident set (Linux VmHWM, reset through /proc/self/clear_refs once
 the models are built) over a warm-up step and two timed steps, minus its resident set before them.
+The output starts with the machine (CPU model, avx2 / avx512f / avx512_bf16 / amx_bf16) and every
+figure line names the CPU kind; on CPUs without native bf16 the bf16 rows say "not measured (no
+native bf16)" (emulated bf16 takes minutes a step, and no default picks it there).
 """
 from __future__ import annotations
 
 import argparse
 import gc
-import platform
 import subprocess
 import sys
 import statistics
@@ -27,23 +29,20 @@ import time
 import torch
 import torch.nn.functional as F
 
-
-def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    return 2 * n**3 * reps / (time.perf_counter() - t0)
+from _machine import NOT_NATIVE_BF16, bf16_native, cpu_tag, machine_line, peak_line
 
 
-def build_pair(args):
+def build_pair(config=None):
+    """(transformers GroupViTModel, groupseg GroupViT) with the same weights, in train mode.
+
+    ``config``: a transformers ``GroupViTConfig`` (default: the published gvit-s 2-stage one).
+    """
     from transformers import GroupViTConfig, GroupViTModel
 
     import groupseg
 
     torch.manual_seed(0)
-    hf = GroupViTModel(GroupViTConfig())  # the published gvit-s 2-stage configuration
+    hf = GroupViTModel(config or GroupViTConfig())
     d = tempfile.mkdtemp()
     hf.save_pretrained(d)
     ours = groupseg.load_model(d)
@@ -52,19 +51,18 @@ def build_pair(args):
 
 def clip_loss(img, txt, scale):
     logits = scale * img @ txt.T
-    labels = torch.arange(len(img))
+    labels = torch.arange(len(img), device=img.device)
     return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
 
 
-def step_fn(kind, model, opt, px, ids, bf16, attention_dtypes=None):
-    """One train step; ``attention_dtypes``: groupseg's CPU matmul-attention dtypes (None: the library's)."""
-    from groupseg.layers import attention
-
-    dtypes = set(attention.CPU_MATMUL_ATTENTION_DTYPES if attention_dtypes is None else attention_dtypes)
+def step_fn(kind, model, opt, px, ids, bf16, fused_attn=None):
+    """One train step on ``px``'s device; ``fused_attn``: groupseg's attention path (None: the library's default)."""
+    from groupseg.layers.attention import set_fused_attn
 
     def run():
-        attention.CPU_MATMUL_ATTENTION_DTYPES = dtypes
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        if kind == "groupseg":
+            set_fused_attn(model, fused_attn)  # the same modules serve several rows: set the path each step
+        with torch.autocast(px.device.type, dtype=torch.bfloat16, enabled=bf16):
             if kind == "transformers":
                 out = model(input_ids=ids, pixel_values=px)
                 img, txt, scale = out.image_embeds, out.text_embeds, model.logit_scale.exp()
@@ -128,7 +126,7 @@ def memory_child(kind: str, bf16: bool, batch: int, threads: int, optimizer: str
     torch.set_num_threads(threads)
     from groupseg.tokenizer import tokenize
 
-    hf, ours = build_pair(None)
+    hf, ours = build_pair()
     model = hf if kind == "transformers" else ours
     del hf, ours
     gc.collect()
@@ -148,6 +146,9 @@ def peak_memory(batch: int, threads: int, optimizer: str) -> None:
     print(f"\npeak memory of a train step (batch {batch}; fresh process each; MiB above the resident set before the steps, "
           "and the process's peak resident set over those steps):")
     for bf16 in (False, True):
+        if bf16 and not bf16_native():
+            print(f"  [bf16 autocast] {NOT_NATIVE_BF16}")
+            continue
         res = {}
         for kind in ("transformers", "groupseg"):
             cmd = [sys.executable, __file__, "--memory-child", kind, "--batch", str(batch), "--threads", str(threads),
@@ -157,7 +158,60 @@ def peak_memory(batch: int, threads: int, optimizer: str) -> None:
         label = "bf16 autocast" if bf16 else "fp32"
         for kind, (added, total) in res.items():
             print(f"  [{label}] {kind:12s} +{added:6.0f} MiB  (peak resident {total:6.0f} MiB)")
-        print(f"  [{label}] groupseg/transformers added memory: {res['groupseg'][0] / res['transformers'][0]:.2f}")
+        print(f"  [{label}] groupseg/transformers added memory: {res['groupseg'][0] / res['transformers'][0]:.2f} {cpu_tag()}")
+
+
+def alternate(fns: dict, warmup: int, steps: int, sync=lambda: None) -> dict[str, float]:
+    """Median seconds per call of each function, calls alternating so drifts in machine load hit all."""
+    for _ in range(warmup):
+        for f in fns.values():
+            f()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(steps):
+        for k, f in fns.items():
+            sync()
+            t0 = time.perf_counter()
+            f()
+            sync()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def one_precision(args, hf, ours, compiled, px, ids, bf16: bool) -> None:
+    """Time and print one precision: transformers, groupseg, groupseg with the other attention path (and compiled)."""
+    from groupseg.layers.attention import default_fused_attn
+
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    label = "bf16 autocast" if bf16 else "fp32"
+    peak_text, peak = peak_line("bf16" if bf16 else "fp32")
+    if peak is None:  # emulated bf16: a step takes minutes, and no default ever picks it here
+        print(f"\n[{label}] {NOT_NATIVE_BF16} {cpu_tag()}")
+        return
+    # groupseg as the library runs it, and with the other attention path at this precision (before/after)
+    matmul = not default_fused_attn(torch.device("cpu"), dtype)
+    alt = ("groupseg-sdpa", True) if matmul else ("groupseg-matmul", False)
+    impls = [("transformers", hf, None), ("groupseg", ours, None), (alt[0], ours, alt[1])]
+    fns = {kind: step_fn(kind.split("-")[0], model, make_optimizer(model, args.optimizer), px, ids, bf16, fused)
+           for kind, model, fused in impls}
+    n_flops = {k: flops(f) for k, f in fns.items()}  # each counts its own work (transformers pads text to 77)
+    if args.compile:  # same parameters, its own optimizer; the first two calls compile forward and backward
+        fns["groupseg-compiled"] = step_fn("groupseg", compiled, make_optimizer(ours, args.optimizer), px, ids, bf16)
+        t0 = time.perf_counter()
+        fns["groupseg-compiled"]()
+        print(f"torch.compile of groupseg's train step ({'bf16' if bf16 else 'fp32'}): {time.perf_counter() - t0:.0f} s")
+        n_flops["groupseg-compiled"] = n_flops["groupseg"]  # the same model work
+    med = alternate(fns, args.warmup, args.steps)
+    print(f"\n[{label}] {peak_text} {cpu_tag()}")
+    for k, t in med.items():
+        print(f"  {k:12s} {1000 * t:8.0f} ms/step  {args.batch / t:6.1f} samples/s  {n_flops[k] / 1e9:5.0f} GFLOP/step  "
+              f"{n_flops[k] / t / peak:5.1%} of peak {cpu_tag()}")
+    print(f"  ratio groupseg/transformers speed: {med['transformers'] / med['groupseg']:.2f}x {cpu_tag()} "
+          f"(groupseg attention: {'plain matmuls' if matmul else 'scaled_dot_product_attention'})")
+    print(f"  ratio {alt[0]}/transformers speed: {med['transformers'] / med[alt[0]]:.2f}x; "
+          f"matmul attention vs SDPA: {(med['groupseg-sdpa'] / med['groupseg']) if matmul else (med['groupseg'] / med['groupseg-matmul']):.2f}x")
+    if args.compile:
+        print(f"  ratio groupseg-compiled/transformers speed: {med['transformers'] / med['groupseg-compiled']:.2f}x; "
+              f"compiled vs eager groupseg: {med['groupseg'] / med['groupseg-compiled']:.2f}x")
 
 
 def main() -> None:
@@ -178,60 +232,21 @@ def main() -> None:
         return memory_child(args.memory_child, args.bf16, args.batch, args.threads, args.optimizer)
     if args.optimizer_only:
         torch.set_num_threads(args.threads)
+        print(machine_line())
         return optimizer_step_times(max(args.steps, 10))
     if args.memory_only:
+        print(machine_line())
         return peak_memory(args.batch, args.threads, args.optimizer)
     torch.set_num_threads(args.threads)
-    from groupseg.layers import attention
     from groupseg.tokenizer import tokenize
 
-    hf, ours = build_pair(args)
+    hf, ours = build_pair()
     compiled = torch.compile(ours) if args.compile else None
     px = torch.randn(args.batch, 3, 224, 224)
     ids = tokenize([f"a photo of a thing number {i}" for i in range(args.batch)])
-    print(f"machine: {platform.processor() or platform.machine()}, {args.threads} threads, torch {torch.__version__}, "
-          f"{args.optimizer} AdamW on both sides")
+    print(machine_line() + f"; {args.optimizer} AdamW on both sides")
     for bf16 in (False, True):
-        dtype = torch.bfloat16 if bf16 else torch.float32
-        peak = matmul_peak(dtype)
-        fns = {}
-        # groupseg as the library runs it, and with the other attention path at this precision (before/after)
-        default = set(attention.CPU_MATMUL_ATTENTION_DTYPES)
-        matmul = dtype in default
-        alt = ("groupseg-sdpa", default - {dtype}) if matmul else ("groupseg-matmul", default | {dtype})
-        impls = [("transformers", hf, None), ("groupseg", ours, None), (alt[0], ours, alt[1])]
-        for kind, model, dts in impls:
-            opt = make_optimizer(model, args.optimizer)
-            fns[kind] = step_fn(kind.split("-")[0], model, opt, px, ids, bf16, dts)
-        n_flops = {k: flops(f) for k, f in fns.items()}  # each counts its own work (transformers pads text to 77)
-        if args.compile:  # same parameters, its own optimizer; the first two calls compile forward and backward
-            fns["groupseg-compiled"] = step_fn("groupseg", compiled, make_optimizer(ours, args.optimizer), px, ids, bf16)
-            t0 = time.perf_counter()
-            fns["groupseg-compiled"]()
-            print(f"torch.compile of groupseg's train step ({'bf16' if bf16 else 'fp32'}): {time.perf_counter() - t0:.0f} s")
-            n_flops["groupseg-compiled"] = n_flops["groupseg"]  # the same model work
-        times = {k: [] for k in fns}
-        for _ in range(args.warmup):
-            for f in fns.values():
-                f()
-        for _ in range(args.steps):  # alternate so drifts in machine load hit both
-            for k, f in fns.items():
-                t0 = time.perf_counter()
-                f()
-                times[k].append(time.perf_counter() - t0)
-        label = "bf16 autocast" if bf16 else "fp32"
-        print(f"\n[{label}] matmul peak {peak / 1e9:.0f} GFLOP/s (2048^3, same run)")
-        med = {k: statistics.median(v) for k, v in times.items()}
-        for k, t in med.items():
-            print(f"  {k:12s} {1000 * t:8.0f} ms/step  {args.batch / t:6.1f} samples/s  {n_flops[k] / 1e9:5.0f} GFLOP/step  "
-                  f"{n_flops[k] / t / peak:5.1%} of peak")
-        print(f"  ratio groupseg/transformers speed: {med['transformers'] / med['groupseg']:.2f}x "
-              f"(groupseg attention: {'plain matmuls' if matmul else 'scaled_dot_product_attention'})")
-        print(f"  ratio {alt[0]}/transformers speed: {med['transformers'] / med[alt[0]]:.2f}x; "
-              f"matmul attention vs SDPA: {(med['groupseg-sdpa'] / med['groupseg']) if matmul else (med['groupseg'] / med['groupseg-matmul']):.2f}x")
-        if args.compile:
-            print(f"  ratio groupseg-compiled/transformers speed: {med['transformers'] / med['groupseg-compiled']:.2f}x; "
-                  f"compiled vs eager groupseg: {med['groupseg'] / med['groupseg-compiled']:.2f}x")
+        one_precision(args, hf, ours, compiled, px, ids, bf16)
     peak_memory(args.batch, args.threads, args.optimizer)
     print("\nCUDA rows: not measured (no GPU in this run)")
 

@@ -8,14 +8,42 @@ from pathlib import Path
 import torch
 
 
+# the instruction-set flags that decide which precision a CPU runs fast (names as in /proc/cpuinfo)
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
+
+
 @lru_cache(maxsize=1)
-def cpu_has_bf16() -> bool:
-    """True on CPUs with native bf16 arithmetic (AVX512-BF16 or AMX)."""
+def _cpuinfo() -> str:
     try:
-        flags = Path("/proc/cpuinfo").read_text()
+        return Path("/proc/cpuinfo").read_text()
     except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+        return ""
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``; ``platform.processor()`` where that is missing)."""
+    for line in _cpuinfo().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def cpu_flags() -> dict[str, bool]:
+    """Which of ``CPU_FLAGS`` this CPU has, e.g. ``{"avx2": True, "avx512f": False, ...}``."""
+    words = set()
+    for line in _cpuinfo().splitlines():
+        if line.startswith("flags"):
+            words = set(line.split(":", 1)[1].split())
+            break
+    return {f: f in words for f in CPU_FLAGS}
+
+
+def cpu_has_bf16() -> bool:
+    """True on CPUs with native bf16 arithmetic (AVX512-BF16 or AMX); elsewhere bf16 is emulated and slow."""
+    flags = cpu_flags()
+    return flags["avx512_bf16"] or flags["amx_bf16"]
 
 
 def resolve_precision(p: str, device: torch.device | str | None = None) -> str:

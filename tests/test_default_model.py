@@ -32,9 +32,17 @@ def test_default_weights_are_shipped_small_and_self_contained():
         assert (SHIPPED_DIR / "tokenizer").is_dir()
 
 
+@pytest.mark.slow
 def test_default_model_segments_offline(offline):
     seg = groupseg.Segmenter.from_pretrained()
-    assert Path(seg.model.cfg.name or "x") and seg.model.tuned_class_embeds is None
+    # with no weights argument, no cache and no network, the model is the one shipped in the package
+    from safetensors.torch import load_file
+
+    shipped = load_file(SHIPPED_DIR / "model.safetensors")
+    state = seg.model.state_dict()
+    assert seg.model.cfg == groupseg.ModelConfig.load(SHIPPED_DIR / "config.json")
+    assert set(shipped) <= set(state) and all(torch.equal(state[k], v.to(state[k].dtype)) for k, v in shipped.items())
+    assert seg.model.tuned_class_embeds is None and not seg.model.training
     r = seg.segment(DOCS / "cat.jpg", ["cat", "grass", "person", "water"])
     assert r.label_map.shape[::-1] == r.image.size
     assert set(np.unique(r.label_map)) <= {0, 1, 2, 3}
@@ -49,6 +57,8 @@ def test_default_model_segments_offline(offline):
     torch.testing.assert_close(txt.norm(dim=-1), torch.ones(3))
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_cli_segments_with_no_weights_argument(offline, tmp_path):
     env = dict(os.environ)
     r = subprocess.run([sys.executable, "-m", "groupseg.cli", "segment", str(DOCS / "cat.jpg"), "--vocab", "cat,grass,person",

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 import groupseg
@@ -94,9 +95,7 @@ def test_any_input_size_and_no_weight_decay():
     assert "visual.stages.0.blocks.0.attn.qkv.weight" not in nwd
 
 
-def test_conv_stem_keeps_the_patch_grid_and_round_trips(tmp_path):
-    import pytest
-
+def test_conv_stem_keeps_the_patch_grid():  # its save/load round trip: tests/test_weights.py
     from groupseg.layers.patch_embed import PatchEmbed
 
     for hw in ((32, 32), (40, 56), (37, 45)):
@@ -107,24 +106,18 @@ def test_conv_stem_keeps_the_patch_grid_and_round_trips(tmp_path):
         PatchEmbed(12, 3, 16, stem="conv")
     with pytest.raises(ValueError, match="unknown stem"):
         PatchEmbed(8, 3, 16, stem="hybrid")
-    cfg = groupseg.get_model_config("groupvit-tiny-test")
-    cfg.vision.stem = "conv"
-    model = groupseg.GroupViT(cfg).eval()
-    model.save_pretrained(tmp_path / "w")
-    loaded = groupseg.load_model(tmp_path / "w").eval()
-    assert loaded.cfg.vision.stem == "conv"
-    x = torch.randn(1, 3, 48, 40)
-    torch.testing.assert_close(model.encode_image(x), loaded.encode_image(x))
 
 
 def test_bf16_cpu_attention_matches_fp32_sdpa():
     from groupseg.layers.attention import Attention
 
     torch.manual_seed(0)
-    attn = Attention(32, 4)
+    sdpa = Attention(32, 4, fused_attn=True)
+    attn = Attention(32, 4)  # default path: plain matmuls on CPU in bf16
+    attn.load_state_dict(sdpa.state_dict())
     x, ctx = torch.randn(2, 9, 32), torch.randn(2, 5, 32)
     for kwargs in ({}, {"causal": True}, {"context": ctx}):
-        ref = attn(x, **kwargs)
+        ref = sdpa(x, **kwargs)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = attn(x, **kwargs)  # the plain-matmul path
         assert out.dtype == torch.bfloat16
@@ -144,7 +137,7 @@ def test_fewer_groupings_give_the_finer_segments():
     torch.testing.assert_close(model.encode_groups(x, groupings=2)["group_embeds"], full["group_embeds"])
 
 
-def test_learnable_assignment_scale_sharpens_groups_and_round_trips(tmp_path):
+def test_learnable_assignment_scale_sharpens_groups():  # its save/load round trip: tests/test_weights.py
     torch.manual_seed(0)
     groups, x = torch.randn(2, 4, 16), torch.randn(2, 20, 16)
     plain = AssignAttention(16).eval()
@@ -162,8 +155,88 @@ def test_learnable_assignment_scale_sharpens_groups_and_round_trips(tmp_path):
     cfg.vision.assign_scale_init = 5.0
     model = groupseg.GroupViT(cfg).eval()
     assert "logit_scale" in "".join(n for n in model.no_weight_decay() if "assign" in n)
-    model.save_pretrained(tmp_path / "w")
-    loaded = groupseg.load_model(tmp_path / "w").eval()
-    assert loaded.cfg.vision.assign_scale_init == 5.0
-    x = torch.randn(1, 3, 32, 32)
-    torch.testing.assert_close(model.encode_image(x), loaded.encode_image(x))
+
+
+def test_attention_path_is_a_per_module_flag_and_both_paths_agree(monkeypatch):
+    import torch.nn.functional as F
+
+    from groupseg.layers import attention
+    from groupseg.layers.attention import Attention, set_fused_attn
+
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or sdpa(*a, **k))
+    torch.manual_seed(0)
+    a, b = Attention(16, 2), Attention(16, 2)
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(2, 7, 16)
+    ref = a(x, causal=True)
+    assert calls == []  # default on CPU in fp32: plain matmuls
+    b.fused_attn = True
+    torch.testing.assert_close(b(x, causal=True), ref, atol=1e-5, rtol=1e-5)
+    assert len(calls) == 1 and a.fused_attn is None  # the other module kept its own path
+    with torch.autocast("cpu", dtype=torch.float16):
+        a(x)  # fp16 on CPU is not a matmul dtype: SDPA by default
+    assert len(calls) == 2
+    m = groupseg.create_model("groupvit-tiny-test")
+    n = set_fused_attn(m, False)
+    blocks = sum(s.depth for s in m.cfg.vision.stages) + m.cfg.text.depth
+    groupings = sum(1 for s in m.cfg.vision.stages if s.num_output_groups)
+    assert n == blocks + groupings  # every block's and every grouping block's cross-attention
+    assert {mod.fused_attn for mod in m.modules() if isinstance(mod, Attention)} == {False}
+
+
+def test_drop_path_drops_whole_samples_and_keeps_the_mean():
+    from groupseg.layers.drop import DropPath
+
+    torch.manual_seed(0)
+    dp = DropPath(0.25)
+    x = torch.ones(4000, 3, 5)
+    y = dp(x)
+    per_sample = y.flatten(1)
+    assert ((per_sample == 0).all(1) | (per_sample == 1 / 0.75).all(1)).all()  # a sample is dropped whole or scaled
+    kept = (per_sample[:, 0] > 0).float().mean().item()
+    assert abs(kept - 0.75) < 0.03 and abs(y.mean().item() - 1.0) < 0.05
+    dp.eval()
+    assert torch.equal(dp(x), x)
+    with pytest.raises(ValueError, match="drop path"):
+        DropPath(1.0)
+    cfg = groupseg.get_model_config("groupvit-tiny-test")
+    cfg.vision.drop_path_rate = 0.2
+    m = groupseg.GroupViT(cfg)
+    rates = [blk.drop_path.p for s in m.visual.stages for blk in s.blocks if isinstance(blk.drop_path, DropPath)]
+    assert rates and rates == sorted(rates) and abs(rates[-1] - 0.2) < 1e-6  # linear stochastic-depth schedule
+
+
+def test_layers_take_activation_and_norm_types():
+    from functools import partial
+
+    from groupseg.layers.block import Block
+    from groupseg.layers.create import get_act_layer
+    from groupseg.layers.grouping import GroupingBlock
+    from groupseg.layers.mlp import QuickGELU
+
+    blk = Block(16, 2, act_layer=QuickGELU, norm_layer=partial(torch.nn.LayerNorm, eps=1e-6))
+    assert isinstance(blk.mlp.act, QuickGELU) and blk.norm1.eps == blk.norm2.eps == 1e-6
+    grp = GroupingBlock(16, 2, 8, 4, act_layer=torch.nn.ReLU, norm_layer=torch.nn.Identity)
+    assert isinstance(grp.mlp_channels.act, torch.nn.ReLU) and isinstance(grp.pre_assign_attn.norm_post, torch.nn.Identity)
+    out, soft = grp.eval()(torch.randn(2, 10, 16), torch.randn(2, 8, 16))
+    assert out.shape == (2, 4, 16) and soft.shape == (2, 4, 10)
+    cfg = groupseg.get_model_config("groupvit-tiny-test")
+    cfg.vision.act, cfg.vision.layer_norm_eps = "quick_gelu", 1e-6
+    m = groupseg.GroupViT(cfg)
+    assert isinstance(m.visual.stages[0].blocks[0].mlp.act, QuickGELU)
+    assert m.visual.patch_embed.norm.eps == m.visual.norm.eps == m.visual.stages[0].grouping.norm_x.eps == 1e-6
+    with pytest.raises(ValueError, match="unknown activation"):
+        get_act_layer("swish")
+
+
+@pytest.mark.slow
+@pytest.mark.subprocess
+def test_importing_the_model_imports_no_timm():
+    import subprocess
+    import sys
+
+    code = "import sys, groupseg.models.groupvit, groupseg; print(sorted(m for m in sys.modules if m.split('.')[0] == 'timm'))"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr

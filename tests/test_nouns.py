@@ -1,5 +1,4 @@
 """Noun extraction for training prompts: the offline tagger always, NLTK when its data is present."""
-import doctest
 import gzip
 import random
 from pathlib import Path
@@ -172,6 +171,3 @@ def test_lexicon_rebuilds_identically(tmp_path):
     with gzip.open(out, "rt") as new, gzip.open(nouns.lexicon_path(), "rt") as shipped:
         assert new.read() == shipped.read()
 
-
-def test_doctests():
-    assert doctest.testmod(nouns).failed == 0

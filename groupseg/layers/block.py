@@ -1,13 +1,11 @@
 """Pre-norm transformer blocks."""
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
-from timm.layers import DropPath
 from torch import nn
 
 from .attention import Attention
+from .drop import DropPath
 from .mlp import Mlp
 
 
@@ -18,9 +16,9 @@ class Block(nn.Module):
         dim: channels.
         num_heads: attention heads.
         mlp_ratio: hidden size of the MLP as a multiple of ``dim``.
-        act: MLP activation.
+        act_layer: MLP activation layer type.
+        norm_layer: norm layer type, called with ``dim`` (``functools.partial`` sets its eps).
         drop_path: stochastic depth rate.
-        eps: LayerNorm epsilon.
     """
 
     def __init__(
@@ -28,15 +26,15 @@ class Block(nn.Module):
         dim: int,
         num_heads: int,
         mlp_ratio: float = 4.0,
-        act: Literal["gelu", "quick_gelu"] = "gelu",
+        act_layer: type[nn.Module] = nn.GELU,
+        norm_layer: type[nn.Module] = nn.LayerNorm,
         drop_path: float = 0.0,
-        eps: float = 1e-5,
     ) -> None:
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=eps)
+        self.norm1 = norm_layer(dim)
         self.attn = Attention(dim, num_heads)
-        self.norm2 = nn.LayerNorm(dim, eps=eps)
-        self.mlp = Mlp(dim, round(dim * mlp_ratio), act=act)
+        self.norm2 = norm_layer(dim)
+        self.mlp = Mlp(dim, round(dim * mlp_ratio), act_layer=act_layer)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
@@ -53,20 +51,25 @@ class CrossAttnBlock(nn.Module):
         dim: channels.
         num_heads: attention heads.
         mlp_ratio: hidden size of the MLP as a multiple of ``dim``.
-        act: MLP activation.
-        eps: LayerNorm epsilon.
+        act_layer: MLP activation layer type.
+        norm_layer: norm layer type, called with ``dim``.
     """
 
     def __init__(
-        self, dim: int, num_heads: int, mlp_ratio: float = 4.0, act: Literal["gelu", "quick_gelu"] = "gelu", eps: float = 1e-5
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        act_layer: type[nn.Module] = nn.GELU,
+        norm_layer: type[nn.Module] = nn.LayerNorm,
     ) -> None:
         super().__init__()
         self.attn = Attention(dim, num_heads)
-        self.norm2 = nn.LayerNorm(dim, eps=eps)
-        self.mlp = Mlp(dim, round(dim * mlp_ratio), act=act)
-        self.norm_post = nn.LayerNorm(dim, eps=eps)
+        self.norm2 = norm_layer(dim)
+        self.mlp = Mlp(dim, round(dim * mlp_ratio), act_layer=act_layer)
+        self.norm_post = norm_layer(dim)
 
     def forward(self, query: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        x = query + self.attn(query, context)
+        x = query + self.attn(query, context)  # (B, G, C)
         x = x + self.mlp(self.norm2(x))
         return self.norm_post(x)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -95,11 +94,11 @@ class GroupingBlock(nn.Module):
         num_output_groups: segments going out.
         assign_mlp_ratio: (token-mixing, channel) MLP ratios.
         mlp_ratio: MLP ratio of the pre-assignment cross-attention block.
-        act: MLP activation.
+        act_layer: MLP activation layer type.
+        norm_layer: norm layer type, called with ``dim`` (``functools.partial`` sets its eps).
         hard: hard assignment.
         gumbel_tau: Gumbel temperature.
         assign_eps: see ``AssignAttention``.
-        eps: LayerNorm epsilon.
         assign_scale_init: see ``AssignAttention``'s ``scale_init``.
     """
 
@@ -111,23 +110,23 @@ class GroupingBlock(nn.Module):
         num_output_groups: int,
         assign_mlp_ratio: tuple[float, float] = (0.5, 4.0),
         mlp_ratio: float = 4.0,
-        act: Literal["gelu", "quick_gelu"] = "gelu",
+        act_layer: type[nn.Module] = nn.GELU,
+        norm_layer: type[nn.Module] = nn.LayerNorm,
         hard: bool = True,
         gumbel_tau: float = 1.0,
         assign_eps: float = 1.0,
-        eps: float = 1e-5,
         assign_scale_init: float | None = None,
     ) -> None:
         super().__init__()
         tokens_dim, channels_dim = (int(r * dim) for r in assign_mlp_ratio)
-        self.norm_tokens = nn.LayerNorm(dim, eps=eps)
-        self.mlp_inter = MixerMlp(num_group_tokens, tokens_dim, num_output_groups, act=act)
-        self.norm_post_tokens = nn.LayerNorm(dim, eps=eps)
-        self.norm_x = nn.LayerNorm(dim, eps=eps)
-        self.pre_assign_attn = CrossAttnBlock(dim, num_heads, mlp_ratio, act=act, eps=eps)
+        self.norm_tokens = norm_layer(dim)
+        self.mlp_inter = MixerMlp(num_group_tokens, tokens_dim, num_output_groups, act_layer=act_layer)
+        self.norm_post_tokens = norm_layer(dim)
+        self.norm_x = norm_layer(dim)
+        self.pre_assign_attn = CrossAttnBlock(dim, num_heads, mlp_ratio, act_layer=act_layer, norm_layer=norm_layer)
         self.assign = AssignAttention(dim, hard=hard, gumbel_tau=gumbel_tau, assign_eps=assign_eps, scale_init=assign_scale_init)
-        self.norm_new_x = nn.LayerNorm(dim, eps=eps)
-        self.mlp_channels = Mlp(dim, channels_dim, dim, act=act)
+        self.norm_new_x = norm_layer(dim)
+        self.mlp_channels = Mlp(dim, channels_dim, dim, act_layer=act_layer)
 
     def forward(self, x: torch.Tensor, group_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: (B, N, C) image tokens; group_tokens: (B, S, C). Returns (B, G, C) and soft assignment (B, G, N)."""

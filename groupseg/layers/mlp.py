@@ -1,7 +1,5 @@
-"""Feed-forward layers."""
+"""Feed-forward layers and the activations the model configs name."""
 from __future__ import annotations
-
-from typing import Literal
 
 import torch
 from torch import nn
@@ -14,16 +12,6 @@ class QuickGELU(nn.Module):
         return x * torch.sigmoid(1.702 * x)
 
 
-def make_act(act: Literal["gelu", "quick_gelu", "relu"]) -> nn.Module:
-    if act == "gelu":
-        return nn.GELU()
-    if act == "quick_gelu":
-        return QuickGELU()
-    if act == "relu":
-        return nn.ReLU()
-    raise ValueError(f"unknown activation {act!r}")
-
-
 class Mlp(nn.Module):
     """Two linear layers with an activation between them.
 
@@ -31,7 +19,7 @@ class Mlp(nn.Module):
         in_features: input channels.
         hidden_features: hidden channels.
         out_features: output channels (defaults to ``in_features``).
-        act: activation name.
+        act_layer: activation layer type, built with no arguments.
     """
 
     def __init__(
@@ -39,11 +27,11 @@ class Mlp(nn.Module):
         in_features: int,
         hidden_features: int,
         out_features: int | None = None,
-        act: Literal["gelu", "quick_gelu", "relu"] = "gelu",
+        act_layer: type[nn.Module] = nn.GELU,
     ) -> None:
         super().__init__()
         self.fc1 = nn.Linear(in_features, hidden_features)
-        self.act = make_act(act)
+        self.act = act_layer()
         self.fc2 = nn.Linear(hidden_features, out_features or in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -51,7 +39,14 @@ class Mlp(nn.Module):
 
 
 class MixerMlp(Mlp):
-    """An ``Mlp`` over the token axis: (B, N, C) -> (B, M, C)."""
+    """An ``Mlp`` over the token axis: (B, N, C) -> (B, M, C).
+
+    Args:
+        in_features: tokens in (N).
+        hidden_features: hidden size of the token-mixing MLP.
+        out_features: tokens out (M; defaults to N).
+        act_layer: activation layer type.
+    """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward(x.transpose(1, 2)).transpose(1, 2)

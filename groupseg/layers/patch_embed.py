@@ -1,6 +1,8 @@
 """Patch embedding and position-embedding resizing."""
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -17,9 +19,18 @@ class ConvStem(nn.Module):
         patch_size: total stride, a power of two >= 2.
         in_chans: input channels.
         dim: output channels.
+        norm_layer: norm layer type after each 3x3 convolution, called with its channels.
+        act_layer: activation layer type after each norm, built with no arguments.
     """
 
-    def __init__(self, patch_size: int, in_chans: int, dim: int) -> None:
+    def __init__(
+        self,
+        patch_size: int,
+        in_chans: int,
+        dim: int,
+        norm_layer: type[nn.Module] = nn.BatchNorm2d,
+        act_layer: type[nn.Module] = nn.ReLU,
+    ) -> None:
         super().__init__()
         n = patch_size.bit_length() - 1
         if patch_size < 2 or 2**n != patch_size:
@@ -28,7 +39,7 @@ class ConvStem(nn.Module):
         c_in = in_chans
         for i in range(n):
             c_out = max(dim // 2 ** (n - 1 - i), 16)
-            layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+            layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=False), norm_layer(c_out), act_layer()]
             c_in = c_out
         layers.append(nn.Conv2d(c_in, dim, 1))
         self.layers = nn.Sequential(*layers)
@@ -46,12 +57,19 @@ class PatchEmbed(nn.Module):
         patch_size: side of a square patch in pixels.
         in_chans: input channels.
         dim: output channels.
-        eps: LayerNorm epsilon.
+        norm_layer: norm layer type over the tokens, called with ``dim`` (``functools.partial`` sets its eps).
         stem: ``"patch"`` (one patch_size x patch_size convolution, as GroupViT and ViT) or
             ``"conv"`` (``ConvStem``).
     """
 
-    def __init__(self, patch_size: int, in_chans: int, dim: int, eps: float = 1e-5, stem: str = "patch") -> None:
+    def __init__(
+        self,
+        patch_size: int,
+        in_chans: int,
+        dim: int,
+        norm_layer: type[nn.Module] = nn.LayerNorm,
+        stem: Literal["patch", "conv"] = "patch",
+    ) -> None:
         super().__init__()
         self.patch_size = patch_size
         if stem == "patch":
@@ -60,7 +78,7 @@ class PatchEmbed(nn.Module):
             self.proj = ConvStem(patch_size, in_chans, dim)
         else:
             raise ValueError(f"unknown stem {stem!r}; expected 'patch' or 'conv'")
-        self.norm = nn.LayerNorm(dim, eps=eps)
+        self.norm = norm_layer(dim)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         h, w = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size

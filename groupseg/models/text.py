@@ -6,6 +6,7 @@ from torch import nn
 
 from ..config import TextConfig
 from ..layers.block import Block
+from ..layers.create import layer_types
 
 
 class TextTransformer(nn.Module):
@@ -24,10 +25,11 @@ class TextTransformer(nn.Module):
         self.cfg = cfg
         self.token_embed = nn.Embedding(cfg.vocab_size, cfg.width)
         self.pos_embed = nn.Parameter(torch.zeros(cfg.context_length, cfg.width))
+        act_layer, norm_layer = layer_types(cfg.act, cfg.layer_norm_eps)
         self.blocks = nn.ModuleList(
-            Block(cfg.width, cfg.num_heads, cfg.mlp_ratio, cfg.act, eps=cfg.layer_norm_eps) for _ in range(cfg.depth)
+            Block(cfg.width, cfg.num_heads, cfg.mlp_ratio, act_layer, norm_layer) for _ in range(cfg.depth)
         )
-        self.norm = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
+        self.norm = norm_layer(cfg.width)
         self.grad_checkpointing = False
         nn.init.normal_(self.token_embed.weight, std=0.02)
         nn.init.normal_(self.pos_embed, std=0.01)
@@ -100,4 +102,9 @@ class HFTextEncoder(nn.Module):
 
 
 def build_text_tower(cfg: TextConfig) -> nn.Module:
+    """The text tower ``cfg.kind`` names: ``TextTransformer`` or ``HFTextEncoder``.
+
+    Args:
+        cfg: the text configuration.
+    """
     return HFTextEncoder(cfg) if cfg.kind == "hf" else TextTransformer(cfg)

@@ -10,28 +10,47 @@ from torch.utils.checkpoint import checkpoint
 from ..config import StageConfig, VisionConfig
 from ..layers.block import Block
 from ..layers.grouping import GroupingBlock
+from ..layers.create import layer_types
 from ..layers.mlp import MixerMlp
 from ..layers.patch_embed import PatchEmbed, resize_pos_embed
 
 
 class GroupProjector(nn.Module):
-    """Maps the previous stage's group tokens onto this stage's (token-mixing MLP)."""
+    """Maps the previous stage's group tokens onto this stage's (token-mixing MLP).
 
-    def __init__(self, dim: int, num_in: int, num_out: int, act: str, eps: float) -> None:
+    Args:
+        dim: channels.
+        num_in: group tokens of the previous stage.
+        num_out: group tokens of this stage.
+        act_layer: activation layer type.
+        norm_layer: norm layer type, called with ``dim``.
+    """
+
+    def __init__(
+        self, dim: int, num_in: int, num_out: int, act_layer: type[nn.Module] = nn.GELU, norm_layer: type[nn.Module] = nn.LayerNorm
+    ) -> None:
         super().__init__()
-        self.norm = nn.LayerNorm(dim, eps=eps)
-        self.mlp = MixerMlp(num_in, dim // 2, num_out, act=act)
+        self.norm = norm_layer(dim)
+        self.mlp = MixerMlp(num_in, dim // 2, num_out, act_layer=act_layer)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.mlp(self.norm(x))
 
 
 class GroupingStage(nn.Module):
-    """Transformer blocks over [image tokens; group tokens], then an optional grouping block."""
+    """Transformer blocks over [image tokens; group tokens], then an optional grouping block.
+
+    Args:
+        cfg: the vision configuration (width, MLP ratios, activation, assignment settings).
+        stage: this stage's record.
+        prev_group_tokens: group tokens of the previous stage (0: none, no projector).
+        drop_path: stochastic depth rate of each of this stage's blocks.
+    """
 
     def __init__(self, cfg: VisionConfig, stage: StageConfig, prev_group_tokens: int, drop_path: list[float]) -> None:
         super().__init__()
-        d, eps = cfg.width, cfg.layer_norm_eps
+        d = cfg.width
+        act_layer, norm_layer = layer_types(cfg.act, cfg.layer_norm_eps)
         self.num_group_tokens = stage.num_group_tokens
         self.grad_checkpointing = False
         if stage.num_group_tokens:
@@ -39,12 +58,12 @@ class GroupingStage(nn.Module):
         else:
             self.register_parameter("group_token", None)
         self.group_projector = (
-            GroupProjector(d, prev_group_tokens, stage.num_group_tokens, cfg.act, eps)
+            GroupProjector(d, prev_group_tokens, stage.num_group_tokens, act_layer, norm_layer)
             if stage.num_group_tokens and prev_group_tokens
             else None
         )
         self.blocks = nn.ModuleList(
-            Block(d, stage.num_heads, cfg.mlp_ratio, cfg.act, drop_path[i], eps) for i in range(stage.depth)
+            Block(d, stage.num_heads, cfg.mlp_ratio, act_layer, norm_layer, drop_path[i]) for i in range(stage.depth)
         )
         self.grouping = (
             GroupingBlock(
@@ -54,12 +73,12 @@ class GroupingStage(nn.Module):
                 stage.num_output_groups,
                 cfg.assign_mlp_ratio,
                 cfg.mlp_ratio,
-                cfg.act,
-                cfg.hard_assignment,
-                cfg.gumbel_tau,
-                cfg.assign_eps,
-                eps,
-                cfg.assign_scale_init,
+                act_layer=act_layer,
+                norm_layer=norm_layer,
+                hard=cfg.hard_assignment,
+                gumbel_tau=cfg.gumbel_tau,
+                assign_eps=cfg.assign_eps,
+                assign_scale_init=cfg.assign_scale_init,
             )
             if stage.num_output_groups
             else None
@@ -124,7 +143,8 @@ class VisionTower(nn.Module):
     def __init__(self, cfg: VisionConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_chans, cfg.width, cfg.layer_norm_eps, cfg.stem)
+        _, norm_layer = layer_types(cfg.act, cfg.layer_norm_eps)
+        self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_chans, cfg.width, norm_layer=norm_layer, stem=cfg.stem)
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.grid_size**2, cfg.width))
         total = sum(s.depth for s in cfg.stages)
         dpr = torch.linspace(0, cfg.drop_path_rate, total).tolist() if total else []
@@ -133,7 +153,7 @@ class VisionTower(nn.Module):
         for s in cfg.stages:
             self.stages.append(GroupingStage(cfg, s, prev, dpr[start : start + s.depth]))
             prev, start = s.num_group_tokens, start + s.depth
-        self.norm = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
+        self.norm = norm_layer(cfg.width)
 
     @property
     def width(self) -> int:
