@@ -15,9 +15,9 @@ Pixels equal to ``ignore_index`` (or outside the classes) are not counted.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Iterator, NamedTuple, Sequence
+from typing import Callable, Iterator, Literal, NamedTuple, Sequence
 
 import numpy as np
 from PIL import Image
@@ -246,6 +246,26 @@ def cityscapes(root: Path, split: str = "val", vocab: Sequence[str] | None = Non
     _need_dir(base / "leftImg8bit" / split, "Cityscapes images")
     samples = _with_label_suffix(base / "gtFine" / split, "_gtFine_labelTrainIds.png", base / "leftImg8bit" / split, "_leftImg8bit.png")
     return SegDataset("cityscapes", base, _vocab("cityscapes", vocab, 19), samples, 255, False)
+
+
+def sequence_of(stem: str) -> str:
+    """A video frame's sequence: its name up to the first ``_`` (CamVid ``0016E5_07959`` -> ``0016E5``)."""
+    return stem.split("_", 1)[0]
+
+
+def hold_out_sequence(ds: SegDataset, sequence: str, keep: Literal["rest", "held"]) -> SegDataset:
+    """Leave-one-sequence-out: the split without ``sequence`` (``rest``, to train on) or only its
+    frames (``held``, to validate on). Frames of one video sequence are near-duplicates, so a model
+    is judged on a sequence it never saw (CamVid: train on two of 0001TP / 0006R0 / 0016E5, validate
+    on the third).
+
+    Raises a one-line ``ValueError`` when the split has no frame of ``sequence``.
+    """
+    seqs = sorted({sequence_of(s.stem) for s in ds.samples})
+    if sequence not in seqs:
+        raise ValueError(f"sequence {sequence!r} is not in this {ds.name} split; its sequences: {', '.join(seqs)}")
+    samples = [s for s in ds.samples if (sequence_of(s.stem) == sequence) == (keep == "held")]
+    return replace(ds, samples=samples)
 
 
 def camvid(root: Path, split: str = "val", vocab: Sequence[str] | None = None) -> SegDataset:

@@ -91,6 +91,7 @@ class FinetuneConfig:
     data_root: str = _required("the dataset's folder")
     out: str = _required("output directory: groupseg weights + checkpoints/")
     split: str = "train"
+    holdout_sequence: str = ""  # train without this video sequence's frames (leave-one-sequence-out; validate with groupseg eval --holdout-sequence)
     vocab_file: str = ""  # class names, one per line in label order (required for folder)
     weights: str = ""  # starting weights ("" = the shipped model)
     images: int = -1  # use N labelled images, a seeded subset (-1 = all)
@@ -114,6 +115,7 @@ class FinetuneConfig:
     warmup_epochs: float = 1.0
     short_side: int = 448  # images are resized to this short side (times a random scale) ...
     scale_range: tuple[float, float] = (0.75, 1.5)  # ... the random scale's range
+    color_jitter: float = 0.0  # photometric augmentation strength: brightness, contrast and saturation in [1 - s, 1 + s], hue +-s/8, blur half the time (0 = off)
     crop_size: int = 256  # ... then randomly cropped to this square
     margin: float = 0.3  # triplet margin (Euclidean distance of centred, normalised features)
     patches_per_class: int = 32  # mix-match / similarity: patches sampled per class per batch
@@ -136,6 +138,8 @@ class FinetuneConfig:
             raise ValueError(f"--fraction must be in (0, 1], got {self.fraction}")
         if self.fraction and self.images >= 0:
             raise ValueError("--images and --fraction exclude each other: give one")
+        if not 0 <= self.color_jitter <= 1:
+            raise ValueError(f"--color-jitter must be in [0, 1], got {self.color_jitter}")
         for name in ("assign_scale", "comp_weight", "tag_weight", "comp_balance", "sim_weight", "weight_decay"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {float(getattr(self, name))}")

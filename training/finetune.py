@@ -96,13 +96,15 @@ class Finetuner:
         from accelerate import Accelerator
         from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
-        from groupseg.eval.datasets import load_dataset
+        from groupseg.eval.datasets import hold_out_sequence, load_dataset
         from groupseg.precision import resolve_precision
         from groupseg.pretrained import resolve_weights
 
         self.cfg = cfg
         self.out = Path(cfg.out)
         self.ds = load_dataset(cfg.dataset, cfg.data_root, cfg.split, cfg.vocab_file or None)
+        if cfg.holdout_sequence:
+            self.ds = hold_out_sequence(self.ds, cfg.holdout_sequence, keep="rest")
         if not self.ds.samples:
             raise FileNotFoundError(f"{cfg.dataset}: no labelled images in split {cfg.split!r}")
         self.labels = self.ds.labels

@@ -147,6 +147,8 @@ class LabelledImages(torch.utils.data.Dataset):
         px, t = px[:, y : y + S, x : x + S], t[y : y + S, x : x + S]
         if rng.random() < 0.5:
             px, t = px.flip(-1), t.flip(-1)
+        if cfg.color_jitter > 0:
+            px = photometric(px, cfg.color_jitter, rng)
         px = normalize_pixels(px, self.mean, self.std)
         # the crop is the image the model sees: its tags come from its own (full) label map, then
         # the weak classes' pixels are hidden
@@ -154,3 +156,29 @@ class LabelledImages(torch.utils.data.Dataset):
         tags = image_tags(full, len(self.ds.vocab))
         target = torch.from_numpy(hide_classes(full, self.hidden))
         return {"pixels": px, "target": target, "tags": torch.from_numpy(tags)}
+
+
+def photometric(px: torch.Tensor, strength: float, rng: np.random.Generator) -> torch.Tensor:
+    """Seeded photometric augmentation of a uint8 (3, H, W) crop: brightness, contrast and saturation
+    factors in ``[1 - s, 1 + s]``, hue shifted by up to ``s / 8`` (in random order), then a Gaussian
+    blur half the time. Day and dusk frames differ mostly in these.
+
+    Args:
+        px: uint8 RGB crop, channels first.
+        strength: ``s`` in (0, 1].
+        rng: the crop's generator (the same image, epoch and seed give the same result).
+    """
+    import torchvision.transforms.v2.functional as TF
+
+    ops = [
+        lambda x, f: TF.adjust_brightness(x, f),
+        lambda x, f: TF.adjust_contrast(x, f),
+        lambda x, f: TF.adjust_saturation(x, f),
+    ]
+    factors = rng.uniform(1 - strength, 1 + strength, size=3)
+    for k in rng.permutation(3):
+        px = ops[k](px, float(factors[k]))
+    px = TF.adjust_hue(px, float(rng.uniform(-strength / 8, strength / 8)))
+    if rng.random() < 0.5:
+        px = TF.gaussian_blur(px, kernel_size=5, sigma=float(rng.uniform(0.1, 1.5)))
+    return px
