@@ -22,7 +22,6 @@ FLICKR = SHARED / "flickr8k"
 # expected failures until fixed (a fixed one shows as XPASS in the -ra summary: delete its entry)
 KNOWN_BROKEN_DOCTESTS = {
     "groupseg.factory.create_model": "train-mode model, BatchNorm on a batch of 1: the example needs .eval()",
-    "groupseg.models.groupvit.GroupViT": "train-mode model, BatchNorm on a batch of 1: the example needs .eval()",
 }
 
 
