@@ -117,6 +117,8 @@ def _worker(rank, world, port, img, txt, grp, q):
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_two_process_gloo_equals_one_process():
     mp = torch.multiprocessing.get_context("spawn")
     img, txt, grp = _emb(6, 8), _emb(6, 4, 8, seed=2), _emb(6, 3, 8, seed=4)

@@ -218,6 +218,7 @@ def test_train_help_lists_every_config_field_and_flags_override_the_file(capsys)
     assert cfg.model == tiny.model and cfg.epochs == tiny.epochs  # the rest from the file
 
 
+@pytest.mark.slow
 @pytest.mark.subprocess
 def test_cli_train_errors_are_one_line(tmp_path):
     r = subprocess.run([sys.executable, "-m", "groupseg.cli", "train", "--config", str(tmp_path / "missing.yaml")],
