@@ -29,9 +29,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .classify import class_logits
+from .classify import class_logits, to_label_map
 from .prompting import normalize_vocab, parse_class, prompts_dir, read_vocab_file
-from .segment import BACKGROUND, SegmentationResult, Segmenter
+from .segment import SegmentationResult, Segmenter
 from .transforms import ImageLike, load_image, resize_nearest, sliding_windows, target_size, to_tensor
 
 
@@ -127,7 +127,7 @@ def group_features(segmenter: Segmenter, image: ImageLike) -> GroupFeatures:
     h, w = target_size(H0, W0, segmenter.short_side, patch)
     px = to_tensor(img, (h, w), cfg.image_mean, cfg.image_std)
     win = segmenter.window
-    corners = sliding_windows(h, w, win, max(patch, (win * 2 // 3) // patch * patch)) if win else [(0, 0)]
+    corners = sliding_windows(h, w, win, segmenter.stride) if win else [(0, 0)]
     embeds, areas, windows, n = [], [], [], 0
     for y, x in corners:
         crop = px[:, y : y + win, x : x + win] if win else px
@@ -254,8 +254,7 @@ def cluster_segment(
     label = resize_nearest(remap[lab].cpu(), feats.orig)
     names = name_directions(segmenter, centres[used[order]], vocab)
     t3 = time.perf_counter()
-    small = len(names) < BACKGROUND
-    lm = label.numpy().astype(np.uint8 if small else np.int32)
+    lm = to_label_map(label, len(names))
     keep = votes[order]
 
     def scores() -> torch.Tensor:  # (C, H, W) soft pixel share of each cluster, at the original size
