@@ -157,7 +157,9 @@ class Segmenter:
             ``groupings``, by default all, as GroupViT; ``1`` = the first stage's finer segments,
             the later stages' blocks still run over them).
         text_precision: precision of prompt encoding: ``auto`` (bf16 where the machine has it:
-            1,000 new words encode about twice as fast, cosine to fp32 > 0.999) or ``fp32``.
+            1,000 new words encode about twice as fast, cosine to fp32 > 0.999) or ``fp32``
+            (``None`` = the protocol's: ``fp32`` for ``paper``, whose background rule hangs on the
+            best segment of a crop and so on small score differences; ``auto`` for ``groupseg``).
         refine: ``"pamr"`` moves segment boundaries onto image edges (``groupseg.refine.pamr``,
             as TCL does at test time; ``groupseg`` protocol); ``""`` = off.
         protocol: ``"groupseg"`` or ``"paper"`` (see the module docstring).
@@ -181,7 +183,7 @@ class Segmenter:
         weights_dir: str | Path | None = None,
         tokenizer=None,
         refine: str = "",
-        text_precision: str = "auto",
+        text_precision: str | None = None,
         groupings: int | None = None,
         protocol: str = "groupseg",
         stride: int | None = None,
@@ -194,7 +196,7 @@ class Segmenter:
         self.groupings = groupings if groupings is not None else model.cfg.groupings
         from .precision import resolve_precision
 
-        self.text_precision = resolve_precision(text_precision, device)
+        self.text_precision = resolve_precision(text_precision or ("fp32" if paper else "auto"), device)
         if refine not in ("", "pamr"):
             raise ValueError(f"unknown refinement {refine!r}; expected 'pamr' or ''")
         if refine and paper:
