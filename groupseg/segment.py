@@ -50,6 +50,7 @@ class SegmentationResult:
         classes: the class labels, in vocabulary order.
         image: the RGB input.
         timing: seconds spent per step.
+        note: one line a caller should show (e.g. fewer clusters than asked), else empty.
 
     ``scores`` is a torch tensor instead: (C, H, W) floats for further computation (averaging,
     refinement, losses) on the segmenter's side; it is made on first access.
@@ -61,6 +62,7 @@ class SegmentationResult:
     timing: dict[str, float] = field(default_factory=dict)
     _scores_fn: Callable[[], torch.Tensor] | None = field(default=None, repr=False)
     _scores: torch.Tensor | None = field(default=None, repr=False)
+    note: str = ""
 
     @property
     def background(self) -> int:
@@ -126,6 +128,8 @@ class SegmentationResult:
             "fractions": self.fractions(),
             "timing": self.timing,
         }
+        if self.note:
+            meta["note"] = self.note
         paths["json"].write_text(json.dumps(meta, indent=2) + "\n")
         return paths
 

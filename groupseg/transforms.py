@@ -124,14 +124,35 @@ def keep_ratio_size(height: int, width: int, scale: tuple[int, int] = (2048, 448
     return int(height * f + 0.5), int(width * f + 0.5)
 
 
+def _linear_taps(n_in: int, n_out: int, clamp_weights: bool) -> tuple[torch.Tensor, ...]:
+    """Source indices and 11-bit fixed-point weights of each output position, as OpenCV's
+    ``INTER_LINEAR`` computes them: columns clamp their weights at the borders, rows only their
+    indices (a border row mixes a row with itself, with the weights of its position)."""
+    f = ((np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5).astype(np.float32)
+    s = np.floor(f).astype(np.int64)
+    f = (f - s).astype(np.float32)
+    if clamp_weights:
+        f[s < 0], s[s < 0] = 0, 0
+        f[s >= n_in - 1], s[s >= n_in - 1] = 0, n_in - 1
+    w0, w1 = np.rint((np.float32(1) - f) * 2048), np.rint(f * 2048)
+    return (torch.from_numpy(np.clip(s, 0, n_in - 1)), torch.from_numpy(np.clip(s + 1, 0, n_in - 1)),
+            torch.from_numpy(w0.astype(np.int64)), torch.from_numpy(w1.astype(np.int64)))
+
+
 def resize_bilinear(img: Image.Image, size: tuple[int, int]) -> Image.Image:
-    """RGB -> (height, width) by plain bilinear interpolation on the pixel centres, no antialiasing,
-    rounded back to uint8: what mmcv's default (OpenCV ``INTER_LINEAR``) resize does."""
-    if (img.height, img.width) == tuple(size):
+    """RGB -> (height, width) exactly as mmcv's default resize (OpenCV ``cv2.resize``,
+    ``INTER_LINEAR``, uint8): bilinear on pixel centres, no antialiasing, OpenCV's fixed-point
+    arithmetic (11-bit weights, a horizontal then a vertical pass with its rounding), so the
+    pixels match bit for bit. Used by the paper protocol."""
+    H, W = size
+    if (img.height, img.width) == (H, W):
         return img
-    t = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)[None].float()
-    out = F.interpolate(t, size=tuple(size), mode="bilinear", align_corners=False, antialias=False)
-    return Image.fromarray(out[0].round_().clamp_(0, 255).permute(1, 2, 0).to(torch.uint8).numpy())
+    src = torch.from_numpy(np.asarray(img, dtype=np.uint8).astype(np.int64))  # (h, w, 3)
+    x0, x1, a0, a1 = _linear_taps(img.width, W, True)
+    y0, y1, b0, b1 = _linear_taps(img.height, H, False)
+    rows = src[:, x0] * a0[None, :, None] + src[:, x1] * a1[None, :, None]  # (h, W, 3), scaled by 2048
+    out = (((rows[y0] >> 4) * b0[:, None, None]) >> 16) + (((rows[y1] >> 4) * b1[:, None, None]) >> 16)
+    return Image.fromarray(((out + 2) >> 2).clamp_(0, 255).to(torch.uint8).numpy())
 
 
 def sliding_windows(height: int, width: int, window: int, stride: int) -> list[tuple[int, int]]:

@@ -486,3 +486,28 @@ def test_eval_module_runs_on_its_own(tiny_weights, tmp_path, capsys):
     assert rc == 0 and "protocol groupseg" in capsys.readouterr().out
     assert eval_main(["--dataset", "folder", "--data-root", str(tmp_path / "nowhere"), "--vocab-file", str(vf)]) == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_clusters_k_on_a_real_photo_with_the_shipped_model():
+    """The shipped model's last stage puts the astronaut photo in one segment: K clusters come from finer segments."""
+    docs = Path(__file__).resolve().parents[1] / "docs"
+    seg = Segmenter.from_pretrained(short_side=224)
+    res = cluster_segment(seg, docs / "astronaut.jpg", 5, vocab="person,sky,ground,rock,flag,suit,helmet")
+    assert len(res.classes) == 5 and res.note == ""
+    assert sorted(np.unique(res.label_map).tolist()) == [0, 1, 2, 3, 4]
+
+
+def test_clusters_say_why_fewer_came_back(seg):
+    img = RNG.integers(0, 255, (24, 40, 3), dtype=np.uint8)
+    res = cluster_segment(seg, img, 30, vocab="sky,road,car")  # the tiny model has 8 first-stage segments
+    assert len(res.classes) < 30 and res.note.startswith(f"{len(res.classes)} of 30 clusters")
+
+
+def test_all_background_overlay_says_so():
+    img = Image.fromarray(np.full((60, 80, 3), 200, np.uint8))
+    res = SegmentationResult(np.full((60, 80), 255, np.uint8), ["a", "b"], img)
+    ov = np.asarray(res.overlay()).astype(int)
+    assert (ov[40:, :] == 120).all()  # the dimmed photo
+    assert (ov[2:10, 2:40] < 120).any()  # a legend box in the corner
+    assert (np.asarray(res.overlay(legend=False)) == 120).all()

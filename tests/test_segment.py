@@ -359,3 +359,13 @@ def test_hub_ids_need_the_prefix(tmp_path, monkeypatch):
     assert calls == ["nvidia/groupvit-gcc-yfcc"]
     with pytest.raises(groupseg.CheckpointError, match="expected hf-hub:OWNER/NAME"):
         factory.read_weights("hf-hub:justaname")
+
+
+def test_pixel_resize_rounds_as_opencv():
+    """OpenCV's fixed-point INTER_LINEAR (mmcv's resize), by hand: 95.5 and 116.5 round down, border rows mix with themselves."""
+    from groupseg.transforms import resize_bilinear
+
+    img = Image.fromarray(np.tile(np.array([[[85] * 3, [127] * 3]], np.uint8), (2, 1, 1)))  # 2 x 2, columns 85 | 127
+    out = np.asarray(resize_bilinear(img, (4, 4)))
+    assert out.shape == (4, 4, 3)
+    assert out[..., 0].tolist() == [[85, 95, 116, 127]] * 4  # float bilinear rounded would give 96 at column 1
