@@ -380,6 +380,7 @@ def test_eval_missing_dataset_is_one_line(tiny_weights, tmp_path, capsys):
     assert rc != 0 and len(err.splitlines()) == 1 and "nowhere" in err
 
 
+@pytest.mark.needs_data
 def test_eval_real_camvid(tiny_weights, tmp_path):
     if not (CAMVID / "valannot").is_dir():
         pytest.skip(f"CamVid not found at {CAMVID} (shared data absent)")
@@ -410,6 +411,8 @@ def test_compare_picture_from_saved_predictions(tmp_path):
     assert compare_main(args) == 2  # a missing prediction is named, not a traceback
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_eval_splits_images_across_processes(tiny_weights, tmp_path):
     """Two processes (gloo on CPU, as `accelerate launch` sets them up) give the one-process numbers."""
     import os

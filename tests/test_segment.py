@@ -139,6 +139,7 @@ def test_embedding_api(seg, images):
     assert torch.allclose(i.norm(dim=-1), torch.ones(2), atol=1e-5)
 
 
+@pytest.mark.needs_data
 def test_real_photo(seg, camvid_image):
     out = seg.segment(camvid_image, "sky,building,road,tree,car,pedestrian;person")
     assert out.label_map.shape == (360, 480)
@@ -174,6 +175,7 @@ def test_cli_directory_and_vocab_file(tiny_weights, images, tmp_path, monkeypatc
     assert not (out / "truncated_labels.png").exists()
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -184,6 +186,7 @@ def test_cli_directory_and_vocab_file(tiny_weights, images, tmp_path, monkeypatc
         (["segment", "{imgs}/rgb.png", "--vocab-file", "{imgs}/nowords.txt"], "vocabulary file not found"),
         (["segment", "{imgs}/rgb.png"], "no vocabulary"),
         (["segment", "{imgs}/rgb.png", "--vocab", "a", "--weights", "{imgs}/noweights"], "weights not found"),
+        (["segment", "{imgs}/rgb.png", "--vocab", "a", "--weights", "runs/ft"], "weights not found: runs/ft (a Hugging Face hub id is written hf-hub:runs/ft)"),
     ],
 )
 def test_cli_errors_are_one_line(args, message, tiny_weights, images, tmp_path):
@@ -203,6 +206,7 @@ def test_no_default_weights_says_how_to_get_them(tmp_path, monkeypatch):
         Segmenter.from_pretrained()
 
 
+@pytest.mark.subprocess
 def test_import_is_light():
     code = "import sys, groupseg; groupseg.load_model; bad = [m for m in ('webdataset', 'accelerate', 'training', 'eval', 'nltk') if m in sys.modules]; print(bad)"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
