@@ -34,9 +34,9 @@ def create_model(config: str | ModelConfig | dict[str, Any]) -> GroupViT:
     Args:
         config: a name from ``list_models()``, a ``ModelConfig`` or its dict.
 
-    >>> model = create_model("groupvit-tiny-test")
-    >>> sorted(model.encode_text(torch.tensor([[49406, 320, 49407]])).shape)
-    [1, 16]
+    >>> model = create_model("groupvit-tiny-test").eval()  # BatchNorm in the projectors: eval for one text
+    >>> model.encode_text(torch.tensor([[49406, 320, 49407]])).shape
+    torch.Size([1, 16])
     """
     if isinstance(config, str):
         config = get_model_config(config)
