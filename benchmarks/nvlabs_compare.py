@@ -222,8 +222,8 @@ def main(argv=None) -> int:
                   f"foreground {100 * eq[fg].mean() if fg.any() else float('nan'):6.2f} % of {100 * fg.mean():5.1f} %  "
                   f"(nvlabs {t1 - t0:.1f} s, groupseg {t2 - t1:.1f} s)")
         totals[bench] = (100 * all_eq / all_n, 100 * fg_eq / max(fg_n, 1), 100 * fg_n / all_n)
-        print(f"  {bench} total: all pixels {totals[bench][0]:.3f} %, foreground pixels {totals[bench][1]:.3f} % "
-              f"(foreground = {totals[bench][2]:.1f} % of pixels)")
+        print(f"  {bench} total: all pixels {totals[bench][0]:.3f} % ({all_n - all_eq} of {all_n} differ), foreground pixels "
+              f"{totals[bench][1]:.3f} % ({fg_n - fg_eq} of {fg_n} differ; foreground = {totals[bench][2]:.1f} % of pixels)")
     return 0
 
 
