@@ -13,7 +13,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from groupseg.classify import threshold_label_map
+from groupseg.classify import background_value, threshold_label_map
 from groupseg.viz import Gallery, save_label_map
 
 from .datasets import Sample, SegDataset, read_rgb
@@ -107,7 +107,7 @@ def predict(seg, image: np.ndarray, vocab: Sequence[str], threshold: float, flip
 
         acc = pamr(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float(), acc)
     lm = threshold_label_map(acc, threshold)
-    return lm, 255 if lm.dtype == np.uint8 else -1
+    return lm, background_value(acc.shape[0])
 
 
 def check_size(s: Sample, pred: np.ndarray, target: np.ndarray) -> None:

@@ -131,8 +131,11 @@ def threshold_label_map(scores: torch.Tensor, threshold: float) -> np.ndarray:
     return to_label_map(label, scores.shape[0], conf < threshold if threshold > 0 else None)
 
 
-def background_channel_label_map(scores: torch.Tensor) -> np.ndarray:
-    """NVlabs' rule on per-pixel scores (1 + C, H, W) whose channel 0 is background: the argmax,
-    channel 0 -> background, channel c -> class c - 1."""
-    ch = scores.argmax(0)
-    return to_label_map((ch - 1).clamp_min(0), scores.shape[0] - 1, ch == 0)
+def background_channel_label_map(channels: torch.Tensor, num_classes: int) -> np.ndarray:
+    """NVlabs' label map from the argmax over (1 + C) channels whose channel 0 is background:
+    channel 0 -> background, channel c -> class c - 1.
+
+    >>> background_channel_label_map(torch.tensor([[0, 1, 3]]), 3)
+    array([[255,   0,   2]], dtype=uint8)
+    """
+    return to_label_map((channels - 1).clamp_min(0), num_classes, channels == 0)

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .classify import BACKGROUND, background_floor, class_logits, to_label_map, top_k_filter, with_background
+from .classify import BACKGROUND, background_channel_label_map, background_floor, class_logits, to_label_map, top_k_filter, with_background
 from .factory import load_model
 from .models.groupvit import GroupViT
 from .prompting import DEFAULT_TEMPLATES, load_templates, normalize_vocab, parse_class
@@ -386,7 +386,7 @@ class Segmenter:
         else:
             scores = parts[0][2].T[:, parts[0][3]]
         ch = resize_bilinear_argmax(scores, (H0, W0))
-        lm = to_label_map((ch - 1).clamp_min(0), C, ch == 0) if threshold > 0 else to_label_map(ch, C)
+        lm = background_channel_label_map(ch, C) if threshold > 0 else to_label_map(ch, C)
         cls = scores[1:] if threshold > 0 else scores
         return lm, lambda: F.interpolate(cls[None].float(), size=(H0, W0), mode="bilinear", align_corners=False)[0]
 
