@@ -17,7 +17,9 @@ from typing import Sequence
 
 import numpy as np
 
-from .datasets import DATASETS, load_dataset, read_label
+from groupseg.viz import read_label_map
+
+from .datasets import DATASETS, load_dataset
 
 THUMB = 240
 
@@ -26,7 +28,7 @@ def compare_picture(ds, preds: list[tuple[str, Path]], stems: Sequence[str], out
     """Write the comparison grid; raises ``FileNotFoundError`` naming a missing prediction."""
     from PIL import Image, ImageDraw
 
-    from groupseg.segment import _font, palette
+    from groupseg.viz import colour_labels, draw_swatches, font, palette, save_quantized
 
     by_stem = {s.stem: s for s in ds.samples}
     C = ds.num_classes
@@ -34,10 +36,8 @@ def compare_picture(ds, preds: list[tuple[str, Path]], stems: Sequence[str], out
     off = 1 if ds.background else 0
 
     def colour(lab: np.ndarray, is_target: bool) -> Image.Image:
-        idx = np.where((lab >= 0) & (lab < C), lab, C + 1 if is_target else C)
-        return Image.fromarray(pal[idx])
+        return Image.fromarray(colour_labels(pal, lab, C, is_target))
 
-    font = _font(13)
     rows = []
     for stem in stems:
         if stem not in by_stem:
@@ -52,7 +52,7 @@ def compare_picture(ds, preds: list[tuple[str, Path]], stems: Sequence[str], out
             f = Path(d) / f"{stem}.png"
             if not f.exists():
                 raise FileNotFoundError(f"prediction {f} not found (written by groupseg eval --save-predictions {d})")
-            p = read_label(f).astype(np.int64)
+            p = read_label_map(f).astype(np.int64)
             bg = p == 255
             p = p + off
             p[bg] = 0 if ds.background else -1  # background class, or "no class"
@@ -62,25 +62,21 @@ def compare_picture(ds, preds: list[tuple[str, Path]], stems: Sequence[str], out
     pad, head = 4, 20
     ncol = len(titles)
     th = rows[0][0].height if rows else 0
-    legend = [c for c in range(C)]
     per_line = max(1, (ncol * (THUMB + pad)) // 150)
-    legend_h = 18 * -(-len(legend) // per_line) + 8
+    legend_h = 18 * -(-C // per_line) + 8
     canvas = Image.new("RGB", (ncol * (THUMB + pad) + pad, head + len(rows) * (th + pad) + legend_h), "white")
     draw = ImageDraw.Draw(canvas)
     for i, t in enumerate(titles):
-        draw.text((pad + i * (THUMB + pad), 3), t[:30], fill="black", font=font)
+        draw.text((pad + i * (THUMB + pad), 3), t[:30], fill="black", font=font(13))
     y = head
     for cells in rows:
         for i, c in enumerate(cells):
             canvas.paste(c, (pad + i * (THUMB + pad), y))
         y += th + pad
-    for j, c in enumerate(legend):
-        x0, y0 = pad + (j % per_line) * 150, y + 4 + 18 * (j // per_line)
-        draw.rectangle([x0, y0, x0 + 12, y0 + 12], fill=tuple(int(v) for v in pal[c]), outline="black")
-        draw.text((x0 + 16, y0 - 1), ds.classes[c][:18], fill="black", font=font)
+    draw_swatches(draw, [(pal[c], ds.classes[c]) for c in range(C)], y, ncol * (THUMB + pad))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    canvas.quantize(colors=256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).save(out, optimize=True)
+    save_quantized(canvas, out)
     return out
 
 

@@ -23,6 +23,7 @@ import numpy as np
 from PIL import Image
 
 from groupseg.prompting import normalize_vocab, parse_class, read_vocab_file, shipped_vocab
+from groupseg.viz import read_label_map as read_label  # noqa: F401 - label PNGs are read in one place
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 
@@ -52,6 +53,8 @@ class SegDataset:
         background: metric class 0 is a background class predicted by threshold.
         default_threshold: background threshold used when none is given.
         decode: raw label array -> metric-space target (identity when ``None``).
+        paper_vocab: the class names NVlabs' GroupViT evaluation uses for this benchmark
+            (``prompts/vocab/*_groupvit.txt``), for ``--protocol paper``; ``None`` when it has none.
     """
 
     name: str
@@ -62,6 +65,7 @@ class SegDataset:
     background: bool = False
     default_threshold: float = 0.0
     decode: Callable[[np.ndarray], np.ndarray] | None = field(default=None, repr=False)
+    paper_vocab: list[str] | None = field(default=None, repr=False)
 
     @property
     def labels(self) -> list[str]:
@@ -102,18 +106,6 @@ class SegDataset:
         else:
             lm[bg] = -1  # counted as a miss
         return lm
-
-
-def read_label(path: Path) -> np.ndarray:
-    """A label PNG as stored: palette / grey -> (H, W) indices (never RGB-converted); RGB -> (H, W, 3)."""
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"label map not found: {path}")
-    with Image.open(path) as im:
-        if im.mode in ("P", "L", "I;16", "I;16B", "I;16L", "I"):
-            return np.asarray(im).copy()
-        if im.mode in ("RGB", "RGBA"):
-            return np.asarray(im.convert("RGB")).copy()
-        raise ValueError(f"{path}: unsupported label image mode {im.mode}")
 
 
 def read_rgb(path: Path) -> np.ndarray:
@@ -197,7 +189,7 @@ def voc(root: Path, split: str = "val", vocab: Sequence[str] | None = None, with
     samples = [Sample(base / "JPEGImages" / f"{i}.jpg", base / "SegmentationClass" / f"{i}.png", i) for i in ids]
     words = _vocab("voc", vocab, 20)
     if with_background:
-        return SegDataset("voc", base, words, samples, 255, True, VOC_THRESHOLD)
+        return SegDataset("voc", base, words, samples, 255, True, VOC_THRESHOLD, paper_vocab=shipped_vocab("voc_groupvit"))
     return SegDataset("voc20", base, words, samples, 255, False, 0.0, _shift_down)
 
 
@@ -210,7 +202,7 @@ def context(root: Path, split: str = "val", vocab: Sequence[str] | None = None, 
     samples = [Sample(base / "JPEGImages" / f"{i}.jpg", base / "SegmentationClassContext" / f"{i}.png", i) for i in ids]
     words = _vocab("context59", vocab, 59)
     if with_background:
-        return SegDataset("context", base, words, samples, 255, True, CONTEXT_THRESHOLD)
+        return SegDataset("context", base, words, samples, 255, True, CONTEXT_THRESHOLD, paper_vocab=shipped_vocab("context_groupvit"))
     return SegDataset("context59", base, words, samples, 255, False, 0.0, _shift_down)
 
 
@@ -219,7 +211,8 @@ def coco_object(root: Path, split: str = "val", vocab: Sequence[str] | None = No
     label 0 = background, 1..80 the objects, 255 ignored."""
     base = _find(root, ["coco", "coco2017", "."], f"annotations/{split}2017", "COCO-Object")
     samples = _with_label_suffix(base / "annotations" / f"{split}2017", "_instanceTrainIds.png", base / "images" / f"{split}2017", ".jpg")
-    return SegDataset("coco-object", base, _vocab("coco_object", vocab, 80), samples, 255, True, COCO_OBJECT_THRESHOLD)
+    return SegDataset("coco-object", base, _vocab("coco_object", vocab, 80), samples, 255, True, COCO_OBJECT_THRESHOLD,
+                      paper_vocab=shipped_vocab("coco_object_groupvit"))
 
 
 def coco_stuff(root: Path, split: str = "val", vocab: Sequence[str] | None = None) -> SegDataset:

@@ -1,9 +1,13 @@
 """Image-text retrieval: recall@K by the standard protocol (each image has several captions)."""
 from __future__ import annotations
 
+import argparse
+from pathlib import Path
 from typing import Sequence
 
 import torch
+
+from .report import command_line, write_json
 
 
 def recall_at_k(sim: torch.Tensor, caption_image: torch.Tensor, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
@@ -47,3 +51,60 @@ def embed_pairs(segmenter, pairs, batch_size: int = 64) -> tuple[torch.Tensor, t
     if buf:
         imgs.append(segmenter.encode_images(buf).cpu())
     return torch.cat(imgs), segmenter.encode_texts(texts).cpu(), torch.tensor(owner)
+
+
+def run_retrieval(args: argparse.Namespace, make_segmenter, add_args) -> int:
+    """Flickr8k image-text retrieval: recall@1/5/10 both ways.
+
+    Args:
+        args: the ``groupseg eval`` options.
+        make_segmenter: ``args -> (Segmenter, weights name)``.
+        add_args: the options' definition (for the reproducing command line).
+    """
+    from tqdm import tqdm
+
+    root = Path(args.data_root).expanduser()
+    if not root.is_dir():
+        raise FileNotFoundError(f"dataset folder not found: {root} (--data-root)")
+    split = {"val": "dev"}.get(args.split, args.split)
+    names_file = root / f"Flickr_8k.{split}Images.txt"
+    tokens_file = root / "Flickr8k.token.txt"
+    for f in (names_file, tokens_file):
+        if not f.is_file():
+            raise FileNotFoundError(f"Flickr8k file not found: expected {f} (--split dev or test)")
+    img_dir = next((root / d for d in ("images", "Flicker8k_Dataset", "Flickr8k_Dataset") if (root / d).is_dir()), root)
+    names = [ln.strip() for ln in names_file.read_text().splitlines() if ln.strip()]
+    if args.limit > 0:
+        names = names[: args.limit]
+    caps: dict[str, list[str]] = {}
+    for ln in tokens_file.read_text(encoding="utf-8").splitlines():
+        if "\t" in ln:
+            key, text = ln.split("\t", 1)
+            caps.setdefault(key.split("#", 1)[0], []).append(text.strip())
+    missing = [n for n in names if n not in caps]
+    if missing:
+        raise ValueError(f"{tokens_file.name} has no captions for {missing[0]} ({len(missing)} images without captions)")
+    texts, owner = [], []
+    for i, n in enumerate(names):
+        texts += caps[n]
+        owner += [i] * len(caps[n])
+    seg, weights = make_segmenter(args)
+    img_emb = []
+    for i in tqdm(range(0, len(names), 32), desc="images", unit="batch", dynamic_ncols=True):
+        img_emb.append(seg.encode_images([img_dir / n for n in names[i : i + 32]]).cpu())
+    txt_emb = []
+    for i in tqdm(range(0, len(texts), 256), desc="captions", unit="batch", dynamic_ncols=True):
+        txt_emb.append(seg.encode_texts(texts[i : i + 256]).cpu())
+    sim = torch.cat(img_emb) @ torch.cat(txt_emb).T  # (I, T)
+    r = recall_at_k(sim, torch.tensor(owner))
+    print(f"\nflickr8k ({split}), {len(names)} images, {len(texts)} captions")
+    print("            R@1    R@5   R@10")
+    for d, name in (("i2t", "image->text"), ("t2i", "text->image")):
+        print(f"{name:<11} {r[f'{d}_r1']:5.1f}  {r[f'{d}_r5']:5.1f}  {r[f'{d}_r10']:5.1f}")
+    print(f"rsum {r['rsum']:.1f}")
+    results = {"dataset": "flickr8k", "split": split, **r, "num_images": len(names), "num_captions": len(texts),
+               "command": command_line(args, add_args), "weights": weights}
+    if args.out:
+        write_json(results, args.out)
+        print(f"wrote {args.out}")
+    return 0

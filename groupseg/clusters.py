@@ -29,9 +29,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .classify import class_logits
+from .classify import class_logits, to_label_map
 from .prompting import normalize_vocab, parse_class, prompts_dir, read_vocab_file
-from .segment import BACKGROUND, SegmentationResult, Segmenter
+from .segment import SegmentationResult, Segmenter
 from .transforms import ImageLike, load_image, resize_nearest, sliding_windows, target_size, to_tensor
 
 
@@ -118,8 +118,12 @@ class GroupFeatures:
 
 
 @torch.no_grad()
-def group_features(segmenter: Segmenter, image: ImageLike) -> GroupFeatures:
-    """Run the vision tower on ``image`` (sliding windows as the segmenter is set up) -> segments."""
+def group_features(segmenter: Segmenter, image: ImageLike, groupings: int | None = None, hard: bool = False) -> GroupFeatures:
+    """Run the vision tower on ``image`` (sliding windows as the segmenter is set up) -> segments.
+
+    ``groupings`` limits the grouping stages (``None`` = the segmenter's; 1 = the first stage's
+    finer segments). ``hard`` gives each patch wholly to its most likely segment (areas then count
+    patches), so that segments owning no patch weigh nothing."""
     img = load_image(image)
     W0, H0 = img.size
     cfg = segmenter.cfg
@@ -127,12 +131,14 @@ def group_features(segmenter: Segmenter, image: ImageLike) -> GroupFeatures:
     h, w = target_size(H0, W0, segmenter.short_side, patch)
     px = to_tensor(img, (h, w), cfg.image_mean, cfg.image_std)
     win = segmenter.window
-    corners = sliding_windows(h, w, win, max(patch, (win * 2 // 3) // patch * patch)) if win else [(0, 0)]
+    corners = sliding_windows(h, w, win, segmenter.stride) if win else [(0, 0)]
     embeds, areas, windows, n = [], [], [], 0
     for y, x in corners:
         crop = px[:, y : y + win, x : x + win] if win else px
-        g = segmenter.model.encode_groups(crop[None].to(segmenter.device))
+        g = segmenter.model.encode_groups(crop[None].to(segmenter.device), groupings if groupings is not None else segmenter.groupings)
         grouping = g["grouping"][0].float()  # (g, gh, gw)
+        if hard:
+            grouping = F.one_hot(grouping.argmax(0), grouping.shape[0]).permute(2, 0, 1).float()
         embeds.append(g["group_embeds"][0].float())
         areas.append(grouping.sum((1, 2)))
         windows.append((y, x, crop.shape[1], crop.shape[2], n, n + grouping.shape[0], grouping))
@@ -207,6 +213,15 @@ def name_directions(segmenter: Segmenter, directions: torch.Tensor, vocab: str |
 
 
 # ----------------------------------------------------------------------------- one image
+def _cluster(feats: GroupFeatures, k: int, seed: int, iters: int):
+    """k-means over one image's segments -> (centres, used cluster ids, votes, non-empty clusters largest first)."""
+    centres, assign = kmeans(feats.embeds, k, weights=feats.areas, iters=iters, seed=seed)
+    used, votes = cluster_votes(feats, assign)
+    counts = torch.bincount(votes.argmax(0).flatten(), minlength=used.numel())
+    order = [i for i in counts.argsort(descending=True).tolist() if counts[i] > 0]  # largest first, empty dropped
+    return centres, used, votes, order
+
+
 @torch.no_grad()
 def cluster_segment(
     segmenter: Segmenter,
@@ -217,12 +232,17 @@ def cluster_segment(
     seed: int = 0,
     iters: int = 50,
 ) -> SegmentationResult:
-    """Segment ``image`` into at most ``k`` clusters without a word list, then name each cluster.
+    """Segment ``image`` into ``k`` clusters without a word list, then name each cluster.
+
+    The final grouping stage's segments are clustered first; when they give fewer than ``k``
+    clusters (a model whose last stage puts a whole photo in one or two segments), the first
+    stage's finer segments are clustered instead, each patch given wholly to its most likely
+    segment. If those still give fewer, the result has fewer and its ``note`` says so and why.
 
     Args:
         segmenter: a ``Segmenter`` (its model, device, ``short_side`` and ``window`` are used).
         image: path, PIL image, array or tensor.
-        k: the number of clusters (at most the model's segments per image are non-empty).
+        k: the number of clusters wanted.
         vocab: words to name clusters with (comma-separated string or list, synonyms with ``;``);
             default ``prompts/vocab/nouns_large.txt``.
         seed: k-means++ seed.
@@ -230,7 +250,8 @@ def cluster_segment(
 
     Returns:
         a ``SegmentationResult`` whose classes are the cluster names, largest cluster first
-        (no background); ``.scores`` are the clusters' soft pixel shares.
+        (no background); ``.scores`` are the clusters' soft pixel shares; ``.note`` is empty, or
+        one line on why fewer than ``k`` clusters came back.
 
     >>> res = cluster_segment(Segmenter.from_pretrained(), "street.jpg", 5)  # doctest: +SKIP
     >>> res.save("out/street")  # doctest: +SKIP
@@ -243,24 +264,25 @@ def cluster_segment(
     t1 = time.perf_counter()
     img = load_image(image)
     feats = group_features(segmenter, img)
+    centres, used, votes, order = _cluster(feats, k, seed, iters)
+    if len(order) < k and segmenter.groupings != 1 and len(segmenter.cfg.vision.stages) > 2:
+        feats = group_features(segmenter, img, groupings=1, hard=True)  # finer: the first stage's segments
+        centres, used, votes, order = _cluster(feats, k, seed, iters)
     t2 = time.perf_counter()
-    centres, assign = kmeans(feats.embeds, k, weights=feats.areas, iters=iters, seed=seed)
-    used, votes = cluster_votes(feats, assign)
     lab = votes.argmax(0)  # (h, w) index into used
-    counts = torch.bincount(lab.flatten(), minlength=used.numel())
-    order = [i for i in counts.argsort(descending=True).tolist() if counts[i] > 0]  # largest first, empty dropped
     remap = torch.full((used.numel(),), -1, dtype=torch.long, device=lab.device)
     remap[order] = torch.arange(len(order), device=lab.device)
     label = resize_nearest(remap[lab].cpu(), feats.orig)
     names = name_directions(segmenter, centres[used[order]], vocab)
     t3 = time.perf_counter()
-    small = len(names) < BACKGROUND
-    lm = label.numpy().astype(np.uint8 if small else np.int32)
+    lm = to_label_map(label, len(names))
     keep = votes[order]
 
     def scores() -> torch.Tensor:  # (C, H, W) soft pixel share of each cluster, at the original size
         s = keep / keep.sum(0, keepdim=True).clamp_min(1e-12)
         return F.interpolate(s[None], size=feats.orig, mode="nearest")[0].cpu()
 
+    note = "" if len(names) >= k else (
+        f"{len(names)} of {k} clusters: the model's segments of this image form only {len(names)} distinct regions")
     timing = {"text": t1 - t0, "model": t2 - t1, "kmeans": t3 - t2, "total": t3 - t0}
-    return SegmentationResult(lm, names, img, timing, _scores_fn=scores)
+    return SegmentationResult(lm, names, img, timing, _scores_fn=scores, note=note)

@@ -12,6 +12,7 @@ from .convert import CheckpointError, read_hf_dir, read_nvlabs
 from .models.groupvit import GroupViT
 
 _CONFIG_DIR = Path(__file__).parent / "model_configs"
+HUB_PREFIX = "hf-hub:"  # Hugging Face hub ids are named explicitly, as open_clip does
 
 
 def list_models() -> list[str]:
@@ -33,9 +34,9 @@ def create_model(config: str | ModelConfig | dict[str, Any]) -> GroupViT:
     Args:
         config: a name from ``list_models()``, a ``ModelConfig`` or its dict.
 
-    >>> model = create_model("groupvit-tiny-test")
-    >>> sorted(model.encode_text(torch.tensor([[49406, 320, 49407]])).shape)
-    [1, 16]
+    >>> model = create_model("groupvit-tiny-test").eval()  # BatchNorm in the projectors: eval for one text
+    >>> model.encode_text(torch.tensor([[49406, 320, 49407]])).shape
+    torch.Size([1, 16])
     """
     if isinstance(config, str):
         config = get_model_config(config)
@@ -82,8 +83,11 @@ def read_weights(source: str | Path) -> tuple[ModelConfig, dict[str, torch.Tenso
 
     ``source`` is a groupseg directory, a transformers GroupViT directory, a
     ``.safetensors`` file beside a ``config.json``, an NVlabs ``.pth`` file, or a
-    Hugging Face hub id (downloaded when the network allows).
+    Hugging Face hub id behind the ``hf-hub:`` prefix (``hf-hub:nvidia/groupvit-gcc-yfcc``,
+    downloaded when the network allows). Anything else that does not exist is "not found":
+    a mistyped local path is never sent to the hub.
     """
+    source = hub_snapshot(source)
     path = Path(source).expanduser()
     if path.is_dir():
         cfg_file = path / "config.json"
@@ -105,9 +109,22 @@ def read_weights(source: str | Path) -> tuple[ModelConfig, dict[str, torch.Tenso
             cfg, sd = read_nvlabs(path)
             return cfg, sd, "nvlabs"
         raise CheckpointError(f"{path}: unknown weights format (expected a directory, .safetensors or .pth)")
-    if "/" in str(source) and not str(source).startswith((".", "/", "~")) and len(str(source).split("/")) == 2:
-        return (*read_hf_dir(_hub_download(str(source))), "transformers")
-    raise CheckpointError(f"weights not found: {source}")
+    hint = f" (a Hugging Face hub id is written {HUB_PREFIX}{source})" if _looks_like_hub_id(str(source)) else ""
+    raise CheckpointError(f"weights not found: {source}{hint}")
+
+
+def _looks_like_hub_id(text: str) -> bool:
+    return text.count("/") == 1 and not text.startswith((".", "/", "~")) and all(text.split("/"))
+
+
+def hub_snapshot(source: str | Path) -> str | Path:
+    """``hf-hub:OWNER/NAME`` -> the local folder it downloads to; anything else is returned as is."""
+    if isinstance(source, str) and source.startswith(HUB_PREFIX):
+        repo_id = source[len(HUB_PREFIX):]
+        if not _looks_like_hub_id(repo_id):
+            raise CheckpointError(f"{source}: expected {HUB_PREFIX}OWNER/NAME")
+        return _hub_download(repo_id)
+    return source
 
 
 def _hub_download(repo_id: str) -> Path:

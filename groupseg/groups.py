@@ -9,8 +9,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-from .segment import Segmenter, _font, palette
+from .classify import class_logits
+from .segment import Segmenter
 from .transforms import ImageLike, load_image, target_size, to_tensor
+from .viz import font, palette
 
 
 @torch.no_grad()
@@ -44,16 +46,15 @@ def groups_picture(seg: Segmenter, image: ImageLike, vocab: str | Sequence[str] 
         panel = Image.fromarray((base * (1 - alpha) + pal[m] * alpha).clip(0, 255).astype(np.uint8))
         draw = ImageDraw.Draw(panel, "RGBA")
         size = max(9, min(panel.size) // 22)
-        font = _font(size)
-        draw.text((4, 2), f"stage {i + 1}: {len(np.unique(m))} groups", fill=(255, 255, 255), font=font, stroke_width=2, stroke_fill=(0, 0, 0))
+        fnt = font(size)
+        draw.text((4, 2), f"stage {i + 1}: {len(np.unique(m))} groups", fill=(255, 255, 255), font=fnt, stroke_width=2, stroke_fill=(0, 0, 0))
         if vocab is not None and i == len(maps) - 1:
             labels, text, owner = seg.class_embeddings(vocab)
-            sim = groups @ text.T.to(groups.device)  # (G, S)
-            best = owner[sim.argmax(-1).cpu()]  # a class per group
+            best = class_logits(groups, text, owner, len(labels), 1.0).argmax(-1).cpu()  # a class per group
             for gi in np.unique(m):
                 ys, xs = np.nonzero(m == gi)
                 cy, cx = int(np.median(ys)), int(np.median(xs))
-                draw.text((cx, cy), labels[int(best[gi])], fill=(255, 255, 255), font=font, anchor="mm",
+                draw.text((cx, cy), labels[int(best[gi])], fill=(255, 255, 255), font=fnt, anchor="mm",
                           stroke_width=2, stroke_fill=(0, 0, 0))
         panels.append(panel)
     W, H = img.size

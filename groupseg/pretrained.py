@@ -31,7 +31,8 @@ def default_weights() -> Path | None:
 
 
 def resolve_weights(source: str | Path | None) -> str | Path:
-    """An explicit source as is; ``None`` or ``"default"`` -> ``default_weights()``."""
+    """An explicit source as is (a path, or a hub id as ``hf-hub:OWNER/NAME``, see
+    ``groupseg.factory.hub_snapshot``); ``None`` or ``"default"`` -> ``default_weights()``."""
     if source not in (None, "", "default"):
         return source
     found = default_weights()

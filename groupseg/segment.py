@@ -1,7 +1,18 @@
-"""Zero-shot segmentation with any word list: the ``Segmenter`` API."""
+"""Zero-shot segmentation with any word list: the ``Segmenter`` API.
+
+Two protocols turn an image into a label map (``Segmenter(protocol=...)``):
+
+* ``"groupseg"`` (default): the short side resized to ``short_side`` (rounded to the patch size),
+  the whole image or windows of ``window`` pixels, each pixel the best class of its segment
+  (window scores averaged per region), a plain ``threshold`` on that class's probability.
+* ``"paper"``: GroupViT's zero-shot protocol exactly as NVlabs' code runs it: mmcv's keep-ratio
+  resize to (2048, 448), 448 x 448 crops with stride 224 placed as mmseg does, the image's top-5
+  classes, NVlabs' background rule, the crops' class and background scores averaged per pixel,
+  resized bilinearly to the image, then the argmax. Its pieces are the small functions of
+  ``groupseg.classify`` and ``groupseg.transforms``.
+"""
 from __future__ import annotations
 
-import colorsys
 import hashlib
 import json
 import time
@@ -12,39 +23,20 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
-from .classify import class_logits, top_k_filter
+from .classify import BACKGROUND, background_channel_label_map, background_floor, class_logits, to_label_map, top_k_filter, with_background
 from .factory import load_model
 from .models.groupvit import GroupViT
 from .prompting import DEFAULT_TEMPLATES, load_templates, normalize_vocab, parse_class
 from .tokenizer import get_tokenizer
-from .transforms import ImageLike, load_image, resize_nearest, sliding_windows, target_size, to_tensor
+from .transforms import (ImageLike, keep_ratio_size, load_image, resize_bilinear, resize_bilinear_argmax, resize_nearest,
+                         sliding_windows, target_size, to_tensor)
+from .viz import draw_legend, palette, save_label_map
 
-BACKGROUND = 255
-
-
-def palette(n: int) -> np.ndarray:
-    """``n`` distinct RGB colours (uint8, (n, 3)): a fixed 20-colour table, then golden-ratio hues."""
-    base = [
-        (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
-        (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (220, 190, 255),
-        (170, 110, 40), (255, 250, 200), (128, 0, 0), (170, 255, 195), (128, 128, 0), (255, 215, 180),
-        (0, 0, 128), (128, 128, 128),
-    ]
-    cols = base[:n]
-    for i in range(len(cols), n):
-        h = (i * 0.618033988749895) % 1.0
-        r, g, b = colorsys.hsv_to_rgb(h, 0.65 + 0.35 * ((i // 7) % 2), 0.95 - 0.3 * ((i // 3) % 2))
-        cols.append((int(r * 255), int(g * 255), int(b * 255)))
-    return np.array(cols, dtype=np.uint8).reshape(-1, 3)
-
-
-def _font(size: int) -> ImageFont.ImageFont:
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1
-        return ImageFont.load_default()
+PROTOCOLS = ("groupseg", "paper")
+# GroupViT's zero-shot settings (NVlabs segmentation/configs/_base_/datasets/*.py, group_vit_seg.py)
+PAPER = {"templates": "simple", "scale": (2048, 448), "window": 448, "stride": 224, "top_k": 5}
 
 
 @dataclass
@@ -52,11 +44,16 @@ class SegmentationResult:
     """The segmentation of one image.
 
     Attributes:
-        label_map: (H, W) class indices 0..C-1 at the original size; 255 (or -1 when
-            C >= 255) marks background / below threshold.
+        label_map: (H, W) numpy class indices 0..C-1 at the original size; 255 (or -1 when
+            C >= 255) marks background / below threshold. A numpy array, like the image it
+            labels: ready for PIL, saving and counting.
         classes: the class labels, in vocabulary order.
         image: the RGB input.
         timing: seconds spent per step.
+        note: one line a caller should show (e.g. fewer clusters than asked), else empty.
+
+    ``scores`` is a torch tensor instead: (C, H, W) floats for further computation (averaging,
+    refinement, losses) on the segmenter's side; it is made on first access.
     """
 
     label_map: np.ndarray
@@ -65,9 +62,11 @@ class SegmentationResult:
     timing: dict[str, float] = field(default_factory=dict)
     _scores_fn: Callable[[], torch.Tensor] | None = field(default=None, repr=False)
     _scores: torch.Tensor | None = field(default=None, repr=False)
+    note: str = ""
 
     @property
     def background(self) -> int:
+        """The label map's background value: 255, or -1 for >= 255 classes."""
         return BACKGROUND if self.label_map.dtype == np.uint8 else -1
 
     @property
@@ -105,25 +104,11 @@ class SegmentationResult:
     def _draw_legend(self, img: Image.Image) -> None:
         fr = self.fractions()
         present = sorted((i for i, c in enumerate(self.classes) if fr[c] > 0), key=lambda i: -fr[self.classes[i]])
-        if not present:
-            return
-        w, h = img.size
-        size = max(8, min(w, h) // 28)
-        font = _font(size)
         pal = palette(len(self.classes))
         lines = [(pal[i], f"{self.classes[i]} {100 * fr[self.classes[i]]:.0f}%") for i in present]
-        max_lines = max(1, (h - 2 * size) // (size + 4))
-        if len(lines) > max_lines:
-            lines = lines[: max_lines - 1] + [(None, f"+{len(lines) - max_lines + 1} more")]
-        draw = ImageDraw.Draw(img, "RGBA")
-        text_w = max(draw.textlength(t, font=font) for _, t in lines)
-        box_w, box_h = int(text_w + size * 2.2), int(len(lines) * (size + 4) + 6)
-        draw.rectangle([2, 2, 2 + box_w, 2 + box_h], fill=(0, 0, 0, 150))
-        for k, (c, t) in enumerate(lines):
-            y = 5 + k * (size + 4)
-            if c is not None:
-                draw.rectangle([6, y, 6 + size, y + size], fill=tuple(int(v) for v in c))
-            draw.text((10 + size, y - 1), t, fill=(255, 255, 255), font=font)
+        if not lines and self.label_map.size:  # say so rather than show a bare photo
+            lines = [(None, "all background: no class above the threshold")]
+        draw_legend(img, lines)
 
     def save(self, prefix: str | Path) -> dict[str, Path]:
         """Write ``PREFIX_labels.png`` (class indices, 255 background), ``PREFIX_overlay.png`` and ``PREFIX.json``."""
@@ -134,10 +119,7 @@ class SegmentationResult:
             "overlay": prefix.with_name(prefix.name + "_overlay.png"),
             "json": prefix.with_name(prefix.name + ".json"),
         }
-        lm = self.label_map
-        if lm.dtype != np.uint8:  # large vocabularies: 16-bit PNG, 65535 = background
-            lm = np.where(lm < 0, 65535, lm).astype(np.uint16)
-        Image.fromarray(lm).save(paths["labels"])
+        save_label_map(self.label_map, self.background, paths["labels"])  # >= 255 classes: 16-bit, 65535 = background
         self.overlay().save(paths["overlay"])
         meta = {
             "classes": self.classes,
@@ -146,6 +128,8 @@ class SegmentationResult:
             "fractions": self.fractions(),
             "timing": self.timing,
         }
+        if self.note:
+            meta["note"] = self.note
         paths["json"].write_text(json.dumps(meta, indent=2) + "\n")
         return paths
 
@@ -158,12 +142,18 @@ class Segmenter:
 
     Args:
         model: a ``GroupViT`` (put in eval mode).
-        templates: a template set name from ``prompts/templates`` or a file, or a list.
-        short_side: images are resized so their short side is this (then rounded to the patch size).
-        window: sliding-window side in pixels (0 = never slide; ``None`` = the model config's
-            ``window``, set by fine-tuning to its crop size, else 0).
-        top_k: keep only the image's k most likely classes per segment (NVlabs' filter); 0 = off.
-        threshold: class probability below which a pixel is background (255); 0 = no background.
+        templates: a template set name from ``prompts/templates`` or a file, or a list
+            (default: the protocol's, ``simple`` for both).
+        short_side: ``groupseg`` protocol: images are resized so their short side is this (then
+            rounded to the patch size).
+        window: sliding-window side in pixels, a multiple of the patch size (0 = never slide;
+            ``None`` = the protocol's: 448 for ``paper``, else the model config's ``window``, set by
+            fine-tuning to its crop size, else 0).
+        top_k: keep only the image's k most likely classes per segment (NVlabs' filter); 0 = off;
+            ``None`` = the protocol's (``paper``: 5, at most the vocabulary; ``groupseg``: 0).
+        threshold: background threshold in [0, 1]; 0 = no background. ``groupseg``: a pixel whose
+            best class probability is below it is background (255). ``paper``: NVlabs' rule, below
+            ``min(threshold, best segment score of the crop)`` (``groupseg.classify.background_floor``).
         device: torch device.
         weights_dir: where the weights came from (for a Hugging Face tokenizer stored beside them).
         tokenizer: use this tokenizer instead of the one found from the config / ``weights_dir``.
@@ -171,56 +161,81 @@ class Segmenter:
             ``groupings``, by default all, as GroupViT; ``1`` = the first stage's finer segments,
             the later stages' blocks still run over them).
         text_precision: precision of prompt encoding: ``auto`` (bf16 where the machine has it:
-            1,000 new words encode about twice as fast, cosine to fp32 > 0.999) or ``fp32``.
+            1,000 new words encode about twice as fast, cosine to fp32 > 0.999) or ``fp32``
+            (``None`` = the protocol's: ``fp32`` for ``paper``, whose background rule hangs on the
+            best segment of a crop and so on small score differences; ``auto`` for ``groupseg``).
         refine: ``"pamr"`` moves segment boundaries onto image edges (``groupseg.refine.pamr``,
-            as TCL does at test time); ``""`` = off.
+            as TCL does at test time; ``groupseg`` protocol); ``""`` = off.
+        protocol: ``"groupseg"`` or ``"paper"`` (see the module docstring).
+        stride: window step in pixels (``None``: ``paper`` 224, ``groupseg`` two thirds of the window).
+        scale: ``paper`` protocol: the keep-ratio resize bounds (long side, short side).
 
     >>> seg = Segmenter.from_pretrained()  # doctest: +SKIP
     >>> out = seg.segment("street.jpg", ["road", "car", "cyclist", "puddle"])  # doctest: +SKIP
+    >>> paper = Segmenter.from_pretrained("gvit/", protocol="paper", threshold=0.95)  # doctest: +SKIP
     """
 
     def __init__(
         self,
         model: GroupViT,
-        templates: str | Sequence[str] = DEFAULT_TEMPLATES,
+        templates: str | Sequence[str] | None = None,
         short_side: int = 448,
         window: int | None = None,
-        top_k: int = 0,
+        top_k: int | None = None,
         threshold: float = 0.0,
         device: str | torch.device = "cpu",
         weights_dir: str | Path | None = None,
         tokenizer=None,
         refine: str = "",
-        text_precision: str = "auto",
+        text_precision: str | None = None,
         groupings: int | None = None,
+        protocol: str = "groupseg",
+        stride: int | None = None,
+        scale: tuple[int, int] = PAPER["scale"],
     ) -> None:
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"unknown protocol {protocol!r}; expected one of {', '.join(PROTOCOLS)}")
+        paper = protocol == "paper"
+        self.protocol = protocol
         self.groupings = groupings if groupings is not None else model.cfg.groupings
         from .precision import resolve_precision
 
-        self.text_precision = resolve_precision(text_precision, device)
+        self.text_precision = resolve_precision(text_precision or ("fp32" if paper else "auto"), device)
         if refine not in ("", "pamr"):
             raise ValueError(f"unknown refinement {refine!r}; expected 'pamr' or ''")
+        if refine and paper:
+            raise ValueError("refinement (PAMR) applies to the groupseg protocol, not the paper's")
         self.refine = refine
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.cfg = model.cfg
         self.tokenizer = tokenizer if tokenizer is not None else get_tokenizer(self.cfg, weights_dir)
+        templates = templates if templates is not None else (PAPER["templates"] if paper else DEFAULT_TEMPLATES)
         self.templates = load_templates(templates) if isinstance(templates, str) else list(templates)
         if not self.templates:
             raise ValueError("no prompt templates given")
         self._templates_key = hashlib.sha1("\n".join(self.templates).encode()).hexdigest()[:12]
-        self.short_side = short_side
-        self.window = window if window is not None else (model.cfg.window or 0)
-        self.top_k = top_k
+        self.short_side, self.scale = short_side, tuple(scale)
+        patch = self.cfg.vision.patch_size
+        self.window = window if window is not None else (PAPER["window"] if paper else (model.cfg.window or 0))
+        if self.window < 0 or self.window % patch:
+            raise ValueError(f"window {self.window} is not a multiple of the model's patch size {patch} (e.g. {max(patch, self.window // patch * patch)})")
+        self.stride = stride if stride is not None else (PAPER["stride"] if paper else max(patch, (self.window * 2 // 3) // patch * patch))
+        if self.stride < 1 or short_side < 1 or min(self.scale) < 1:
+            raise ValueError(f"stride, short side and scale must be positive (got {self.stride}, {short_side}, {self.scale})")
+        self._top_k_given = top_k is not None
+        self.top_k = top_k if top_k is not None else (PAPER["top_k"] if paper else 0)
         self.threshold = threshold
+        _check_settings(self.top_k, self.threshold)
         self._cache: dict[tuple[str, str], torch.Tensor] = {}
 
     @classmethod
     def from_pretrained(cls, weights: str | Path | None = None, device: str | torch.device = "cpu", **kwargs) -> "Segmenter":
-        """Load weights (a directory, file, hub id, or ``None`` for the default) and wrap them."""
+        """Load weights (a directory, file, ``hf-hub:`` id, or ``None`` for the default) and wrap them."""
+        from .factory import hub_snapshot
         from .pretrained import resolve_weights
 
-        path = resolve_weights(weights)
+        path = hub_snapshot(resolve_weights(weights))  # hf-hub:OWNER/NAME -> its downloaded folder
         model = load_model(path, device=device)
         wdir = Path(path) if Path(str(path)).is_dir() else None
         return cls(model, device=device, weights_dir=wdir, **kwargs)
@@ -305,15 +320,17 @@ class Segmenter:
         grouping = F.interpolate(g["grouping"].float(), size=px.shape[-2:], mode="bilinear", align_corners=False)
         return probs, grouping[0].argmax(0)  # (h, w)
 
-    def _windows(self, px: torch.Tensor, text, owner, C, top_k) -> list[tuple[int, int, torch.Tensor, torch.Tensor]]:
-        """(y, x, segment class probabilities (G, C), segment index per pixel) of each window of ``px``."""
+    def _windows(self, px: torch.Tensor, text, owner, C, top_k, threshold: float = 0.0) -> list[tuple[int, int, torch.Tensor, torch.Tensor]]:
+        """(y, x, segment scores (G, C), segment index per pixel) of each window of ``px``; with a
+        ``threshold`` (paper protocol) the scores gain NVlabs' background column first (G, 1 + C)."""
         h, w = px.shape[-2:]
-        win, patch = self.window, self.cfg.vision.patch_size
-        windows = sliding_windows(h, w, win, max(patch, (win * 2 // 3) // patch * patch)) if win else [(0, 0)]
+        win = self.window
         parts = []
-        for y, x in windows:
+        for y, x in (sliding_windows(h, w, win, self.stride) if win else [(0, 0)]):
             crop = px[:, y : y + win, x : x + win] if win else px
             probs, gidx = self._window(crop, text, owner, C, top_k)
+            if threshold > 0:
+                probs = with_background(probs, background_floor(probs, threshold))
             parts.append((y, x, probs.cpu(), gidx.cpu()))
         return parts
 
@@ -330,24 +347,55 @@ class Segmenter:
         Args:
             image: path, PIL image, array or tensor.
             vocab: a comma-separated string or a list of classes (synonyms with ``;``).
-            threshold: background threshold on the class probability (default: the Segmenter's).
-            top_k: image-level class filter (default: the Segmenter's).
+            threshold: background threshold (default: the Segmenter's).
+            top_k: image-level class filter (default: the Segmenter's); at most the vocabulary size.
             refine: ``"pamr"`` or ``""`` (default: the Segmenter's).
         """
         t0 = time.perf_counter()
         labels, text, owner = self.class_embeddings(vocab)
         t1 = time.perf_counter()
         img = load_image(image)
-        W0, H0 = img.size
         C = len(labels)
         threshold = self.threshold if threshold is None else threshold
+        given = top_k is not None or self._top_k_given
         top_k = self.top_k if top_k is None else top_k
-        patch = self.cfg.vision.patch_size
-        h, w = target_size(H0, W0, self.short_side, patch)
+        _check_settings(top_k, threshold)
+        if top_k > C:
+            if given:
+                raise ValueError(f"top-k {top_k} is larger than the vocabulary ({C} classes)")
+            top_k = C  # the paper's top-5 rule on a smaller vocabulary: min(5, C), as NVlabs
+        refine = self.refine if refine is None else refine
+        if refine and self.protocol == "paper":
+            raise ValueError("refinement (PAMR) applies to the groupseg protocol, not the paper's")
+        run = self._segment_paper if self.protocol == "paper" else self._segment_groupseg
+        lm, scores_fn = run(img, text, owner, C, top_k, threshold, refine)
+        t3 = time.perf_counter()
+        timing = {"text": t1 - t0, "model": t3 - t1, "total": t3 - t0}
+        return SegmentationResult(lm, labels, img, timing, _scores_fn=scores_fn)
+
+    def _segment_paper(self, img: Image.Image, text, owner, C: int, top_k: int, threshold: float, refine: str):
+        """GroupViT's protocol: keep-ratio resize, slide, average class (+ background) scores,
+        bilinear resize to the image, argmax."""
+        W0, H0 = img.size
+        h, w = keep_ratio_size(H0, W0, self.scale)
+        px = to_tensor(resize_bilinear(img, (h, w)), (h, w), self.cfg.image_mean, self.cfg.image_std)
+        parts = self._windows(px, text, owner, C, top_k, threshold)
+        if len(parts) > 1:
+            merged = _WindowMerge(parts, h, w)
+            scores = merged.scores().T[:, merged.region]  # (C', h, w) mean over the crops covering each pixel
+        else:
+            scores = parts[0][2].T[:, parts[0][3]]
+        ch = resize_bilinear_argmax(scores, (H0, W0))
+        lm = background_channel_label_map(ch, C) if threshold > 0 else to_label_map(ch, C)
+        cls = scores[1:] if threshold > 0 else scores
+        return lm, lambda: F.interpolate(cls[None].float(), size=(H0, W0), mode="bilinear", align_corners=False)[0]
+
+    def _segment_groupseg(self, img: Image.Image, text, owner, C: int, top_k: int, threshold: float, refine: str):
+        """groupseg's protocol: short side resize, windows, best class per region, plain threshold."""
+        W0, H0 = img.size
+        h, w = target_size(H0, W0, self.short_side, self.cfg.vision.patch_size)
         px = to_tensor(img, (h, w), self.cfg.image_mean, self.cfg.image_std)
         parts = self._windows(px, text, owner, C, top_k)
-        t2 = time.perf_counter()
-
         merged = _WindowMerge(parts, h, w) if len(parts) > 1 else None
 
         def scores_at(size: tuple[int, int], classes: slice | torch.Tensor = slice(None)) -> torch.Tensor:
@@ -358,32 +406,30 @@ class Segmenter:
             acc = merged.scores(classes).T[:, merged.region]  # (c, h, w)
             return F.interpolate(acc[None], size=size, mode="nearest")[0] if tuple(size) != (h, w) else acc
 
-        refine = self.refine if refine is None else refine
         if refine == "pamr":  # refine the scores of the classes that win somewhere, at the model's input size
             from .refine import pamr
 
             winners = torch.cat([p[2].argmax(1)[p[3]].unique() for p in parts]).unique()
-            refined = pamr(px, scores_at((h, w), winners))
-            v, i = refined.max(0)
+            v, i = pamr(px, scores_at((h, w), winners)).max(0)
             label = resize_nearest(winners[i], (H0, W0))
             conf = F.interpolate(v[None, None], size=(H0, W0), mode="nearest")[0, 0]
-        elif len(parts) == 1:
+        elif merged is None:
             probs, gidx = parts[0][2], resize_nearest(parts[0][3], (H0, W0))
             best, seg_label = probs.max(dim=1)  # per segment
-            label = seg_label[gidx]
-            conf = best[gidx]
+            label, conf = seg_label[gidx], best[gidx]
         else:  # best class per region of the window overlay, then per pixel
             best, seg_label = merged.best()
             label = resize_nearest(seg_label[merged.region], (H0, W0))
             conf = F.interpolate(best[merged.region][None, None], size=(H0, W0), mode="nearest")[0, 0]
-        small = C < BACKGROUND
-        lm = label.numpy().astype(np.uint8 if small else np.int32)
-        if threshold > 0:
-            lm[(conf < threshold).numpy()] = BACKGROUND if small else -1
-        t3 = time.perf_counter()
-        timing = {"text": t1 - t0, "model": t2 - t1, "total": t3 - t0}
-        return SegmentationResult(lm, labels, img, timing, _scores_fn=lambda: scores_at((H0, W0)))
+        lm = to_label_map(label, C, conf < threshold if threshold > 0 else None)
+        return lm, lambda: scores_at((H0, W0))
 
+
+def _check_settings(top_k: int, threshold: float) -> None:
+    if not 0 <= threshold <= 1:
+        raise ValueError(f"threshold {threshold:g} is outside [0, 1]")
+    if top_k < 0:
+        raise ValueError(f"top-k must be 0 (off) or a positive number of classes, got {top_k}")
 
 
 class _WindowMerge:

@@ -127,8 +127,59 @@ def normalize_pixels(pixels: torch.Tensor, mean: Sequence[float], std: Sequence[
     return out if dtype == torch.float32 else out.to(dtype)
 
 
+def keep_ratio_size(height: int, width: int, scale: tuple[int, int] = (2048, 448)) -> tuple[int, int]:
+    """mmcv's keep-ratio rescale (``Resize(keep_ratio=True)``, ``mmcv.rescale_size``): the largest
+    size whose long side is at most ``max(scale)`` and short side at most ``min(scale)``, each side
+    rounded half up (``int(x * f + 0.5)``), not to a patch multiple. Returns (height, width).
+
+    >>> keep_ratio_size(375, 500)  # a VOC photo: the short side becomes 448
+    (448, 597)
+    >>> keep_ratio_size(400, 4000)  # a panorama: the long side is capped at 2048
+    (205, 2048)
+    """
+    f = min(max(scale) / max(height, width), min(scale) / min(height, width))
+    return int(height * f + 0.5), int(width * f + 0.5)
+
+
+def _linear_taps(n_in: int, n_out: int, clamp_weights: bool) -> tuple[torch.Tensor, ...]:
+    """Source indices and 11-bit fixed-point weights of each output position, as OpenCV's
+    ``INTER_LINEAR`` computes them: columns clamp their weights at the borders, rows only their
+    indices (a border row mixes a row with itself, with the weights of its position)."""
+    f = ((np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5).astype(np.float32)
+    s = np.floor(f).astype(np.int64)
+    f = (f - s).astype(np.float32)
+    if clamp_weights:
+        f[s < 0], s[s < 0] = 0, 0
+        f[s >= n_in - 1], s[s >= n_in - 1] = 0, n_in - 1
+    w0, w1 = np.rint((np.float32(1) - f) * 2048), np.rint(f * 2048)
+    return (torch.from_numpy(np.clip(s, 0, n_in - 1)), torch.from_numpy(np.clip(s + 1, 0, n_in - 1)),
+            torch.from_numpy(w0.astype(np.int64)), torch.from_numpy(w1.astype(np.int64)))
+
+
+def resize_bilinear(img: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """RGB -> (height, width) exactly as mmcv's default resize (OpenCV ``cv2.resize``,
+    ``INTER_LINEAR``, uint8): bilinear on pixel centres, no antialiasing, OpenCV's fixed-point
+    arithmetic (11-bit weights, a horizontal then a vertical pass with its rounding), so the
+    pixels match bit for bit. Used by the paper protocol."""
+    H, W = size
+    if (img.height, img.width) == (H, W):
+        return img
+    src = torch.from_numpy(np.asarray(img, dtype=np.uint8).astype(np.int64))  # (h, w, 3)
+    x0, x1, a0, a1 = _linear_taps(img.width, W, True)
+    y0, y1, b0, b1 = _linear_taps(img.height, H, False)
+    rows = src[:, x0] * a0[None, :, None] + src[:, x1] * a1[None, :, None]  # (h, W, 3), scaled by 2048
+    out = (((rows[y0] >> 4) * b0[:, None, None]) >> 16) + (((rows[y1] >> 4) * b1[:, None, None]) >> 16)
+    return Image.fromarray(((out + 2) >> 2).clamp_(0, 255).to(torch.uint8).numpy())
+
+
 def sliding_windows(height: int, width: int, window: int, stride: int) -> list[tuple[int, int]]:
-    """Top-left corners of windows covering an (height, width) image."""
+    """Top-left corners of windows covering an (height, width) image, mmseg's slide placement:
+    starts every ``stride`` pixels, the last window flush with the far edge, one window (the whole
+    side) where the side is not longer than ``window``.
+
+    >>> sliding_windows(448, 597, 448, 224)
+    [(0, 0), (0, 149)]
+    """
     def starts(n: int) -> list[int]:
         if n <= window:
             return [0]
@@ -136,6 +187,33 @@ def sliding_windows(height: int, width: int, window: int, stride: int) -> list[t
         return sorted({min(i * stride, n - window) for i in range(k)})
 
     return [(y, x) for y in starts(height) for x in starts(width)]
+
+
+def _bilinear_taps(n_in: int, n_out: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Source indices (i0, i1) and weight of i1 of each output position, as ``F.interpolate``
+    (bilinear, align_corners=False) computes them."""
+    scale = n_in / n_out
+    src = ((torch.arange(n_out, dtype=torch.float32) + 0.5) * scale - 0.5).clamp_min(0)
+    i0 = src.floor().long().clamp(max=n_in - 1)
+    i1 = (i0 + 1).clamp(max=n_in - 1)
+    return i0, i1, src - i0
+
+
+def resize_bilinear_argmax(scores: torch.Tensor, size: tuple[int, int], max_elements: int = 1 << 26) -> torch.Tensor:
+    """``F.interpolate(scores, size, bilinear).argmax(0)`` for (C, h, w) scores, computed in bands of
+    output rows so that large images with many classes stay within ``max_elements`` floats."""
+    C, h, w = scores.shape
+    H, W = size
+    if C * H * W <= max_elements:
+        return F.interpolate(scores[None].float(), size=size, mode="bilinear", align_corners=False)[0].argmax(0)
+    y0, y1, wy = _bilinear_taps(h, H)
+    cols = F.interpolate(scores[None].float(), size=(h, W), mode="bilinear", align_corners=False)[0]  # (C, h, W)
+    out = torch.empty(H, W, dtype=torch.long)
+    band = max(1, max_elements // (C * W))
+    for r in range(0, H, band):
+        a, b, t = cols[:, y0[r : r + band]], cols[:, y1[r : r + band]], wy[r : r + band, None]
+        out[r : r + band] = (a + (b - a) * t).argmax(0)
+    return out
 
 
 def resize_nearest(labels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

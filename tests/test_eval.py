@@ -297,8 +297,10 @@ def test_cluster_segment_returns_a_result(seg, tmp_path):
 
 # ----------------------------------------------------------------------------- groupseg eval
 def _eval(tiny_weights, *args) -> int:
-    return cli_main(["eval", "--weights", str(tiny_weights), "--short-side", "64", "--templates", "simple",
-                     "--device", "cpu", *map(str, args)])
+    """``groupseg eval`` on the tiny model; groupseg's protocol at a small size unless ``--protocol`` is given."""
+    args = [str(a) for a in args]
+    small = [] if "--protocol" in args else ["--protocol", "groupseg", "--short-side", "64"]
+    return cli_main(["eval", "--weights", str(tiny_weights), "--templates", "simple", "--device", "cpu", *small, *args])
 
 
 def test_eval_folder_end_to_end(tiny_weights, tmp_path, capsys):
@@ -336,7 +338,7 @@ def test_eval_camvid_layout_flip_scales_and_unsupervised(tiny_weights, tmp_path)
         rc = _eval(tiny_weights, "--dataset", "camvid", "--data-root", tmp_path / "camvid", "--out", out, "--pamr", *extra)
         assert rc == 0 and json.loads(out.read_text())["num_images"] == 3
     rc = _eval(tiny_weights, "--dataset", "camvid", "--data-root", tmp_path / "camvid", "--out", out,
-               "--protocol", "unsupervised", "--gallery", tmp_path / "g.png", "--save-predictions", tmp_path / "p")
+               "--protocol", "unsupervised", "--short-side", "64", "--gallery", tmp_path / "g.png", "--save-predictions", tmp_path / "p")
     assert rc == 0
     r = json.loads(out.read_text())
     assert r["protocol"] == "unsupervised" and r["num_images"] == 3 and 0 <= r["pixel_acc"] <= 1
@@ -346,7 +348,7 @@ def test_eval_camvid_layout_flip_scales_and_unsupervised(tiny_weights, tmp_path)
 def test_eval_voc_background_by_threshold(tiny_weights, tmp_path):
     make_voc(tmp_path, values=(0, 0, 0, 255))  # everything background: a threshold of 1 gets it all right
     out = tmp_path / "r.json"
-    assert _eval(tiny_weights, "--dataset", "voc", "--data-root", tmp_path, "--out", out, "--threshold", "1.01") == 0
+    assert _eval(tiny_weights, "--dataset", "voc", "--data-root", tmp_path, "--out", out, "--threshold", "1") == 0
     r = json.loads(out.read_text())
     assert r["per_class_iou"]["background"] == 1.0 and r["pixel_acc"] == 1.0
     assert r["per_class_iou"]["aeroplane"] is None  # absent from truth and prediction -> null, not NaN
@@ -378,6 +380,7 @@ def test_eval_missing_dataset_is_one_line(tiny_weights, tmp_path, capsys):
     assert rc != 0 and len(err.splitlines()) == 1 and "nowhere" in err
 
 
+@pytest.mark.needs_data
 def test_eval_real_camvid(tiny_weights, tmp_path):
     if not (CAMVID / "valannot").is_dir():
         pytest.skip(f"CamVid not found at {CAMVID} (shared data absent)")
@@ -408,6 +411,8 @@ def test_compare_picture_from_saved_predictions(tmp_path):
     assert compare_main(args) == 2  # a missing prediction is named, not a traceback
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_eval_splits_images_across_processes(tiny_weights, tmp_path):
     """Two processes (gloo on CPU, as `accelerate launch` sets them up) give the one-process numbers."""
     import os
@@ -435,3 +440,77 @@ def test_eval_splits_images_across_processes(tiny_weights, tmp_path):
     one, two = (json.loads((tmp_path / f).read_text()) for f in ("one.json", "two.json"))
     assert two["num_pixels"] == one["num_pixels"] and two["miou"] == pytest.approx(one["miou"])
     assert two["per_class_iou"] == one["per_class_iou"]
+
+
+# ----------------------------------------------------------------------------- protocols and bad options
+def test_eval_voc_defaults_to_the_paper_protocol(tiny_weights, tmp_path, capsys):
+    make_voc(tmp_path)
+    out = tmp_path / "r.json"
+    assert _eval(tiny_weights, "--dataset", "voc", "--data-root", tmp_path, "--out", out, "--window", "32",
+                 "--protocol", "zero-shot") == 0
+    r = json.loads(out.read_text())
+    st = r["settings"]
+    assert r["protocol"] == "paper" and st["protocol"] == "paper"
+    assert st["templates"] == ["a photo of a {}."] and st["top_k"] == 5 and st["stride"] == 224 and st["window"] == 32
+    assert st["vocabulary"] == "NVlabs' class names" and r["threshold"] == 0.95
+    assert "protocol paper" in capsys.readouterr().out
+    assert _eval(tiny_weights, "--dataset", "voc", "--data-root", tmp_path, "--out", out) == 0  # groupseg (see _eval)
+    assert json.loads(out.read_text())["settings"]["vocabulary"] == "groupseg's vocabulary"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--top-k", "21"], "--top-k 21 is larger than the vocabulary (20 classes)"),
+    (["--window", "36"], "window 36 is not a multiple of the model's patch size 8"),
+    (["--protocol", "paper", "--flip"], "--flip apply to --protocol groupseg"),
+])
+def test_eval_bad_options_are_one_line(args, message, tiny_weights, tmp_path, capsys):
+    make_voc(tmp_path)
+    assert _eval(tiny_weights, "--dataset", "voc", "--data-root", tmp_path, *args) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(err) == 1 and message in err[0], err
+
+
+@pytest.mark.parametrize("option", [["--threshold", "1.5"], ["--top-k", "-1"], ["--window", "-5"]])
+def test_eval_out_of_range_numbers_are_refused_before_work(option, tmp_path, capsys):
+    from groupseg.eval.main import main as eval_main
+
+    with pytest.raises(SystemExit) as e:
+        eval_main(["--dataset", "voc", "--data-root", str(tmp_path), *option])
+    assert e.value.code == 2 and "out of range" in capsys.readouterr().err
+
+
+def test_eval_module_runs_on_its_own(tiny_weights, tmp_path, capsys):
+    """``python -m groupseg.eval.main`` parses its own options (no call back into the CLI)."""
+    from groupseg.eval.main import main as eval_main
+
+    vf = make_folder(tmp_path / "data")
+    rc = eval_main(["--dataset", "folder", "--data-root", str(tmp_path / "data"), "--vocab-file", str(vf), "--weights",
+                    str(tiny_weights), "--short-side", "32", "--device", "cpu"])
+    assert rc == 0 and "protocol groupseg" in capsys.readouterr().out
+    assert eval_main(["--dataset", "folder", "--data-root", str(tmp_path / "nowhere"), "--vocab-file", str(vf)]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_clusters_k_on_a_real_photo_with_the_shipped_model():
+    """The shipped model's last stage puts the astronaut photo in one segment: K clusters come from finer segments."""
+    docs = Path(__file__).resolve().parents[1] / "docs"
+    seg = Segmenter.from_pretrained(short_side=224)
+    res = cluster_segment(seg, docs / "astronaut.jpg", 5, vocab="person,sky,ground,rock,flag,suit,helmet")
+    assert len(res.classes) == 5 and res.note == ""
+    assert sorted(np.unique(res.label_map).tolist()) == [0, 1, 2, 3, 4]
+
+
+def test_clusters_say_why_fewer_came_back(seg):
+    img = RNG.integers(0, 255, (24, 40, 3), dtype=np.uint8)
+    res = cluster_segment(seg, img, 30, vocab="sky,road,car")  # the tiny model has 8 first-stage segments
+    assert len(res.classes) < 30 and res.note.startswith(f"{len(res.classes)} of 30 clusters")
+
+
+def test_all_background_overlay_says_so():
+    img = Image.fromarray(np.full((60, 80, 3), 200, np.uint8))
+    res = SegmentationResult(np.full((60, 80), 255, np.uint8), ["a", "b"], img)
+    ov = np.asarray(res.overlay()).astype(int)
+    assert (ov[40:, :] == 120).all()  # the dimmed photo
+    assert (ov[2:10, 2:40] < 120).any()  # a legend box in the corner
+    assert (np.asarray(res.overlay(legend=False)) == 120).all()

@@ -187,22 +187,27 @@ class GroupViT(nn.Module):
             res["patch_tokens"] = out.patch_tokens
         return res
 
-    def segmentation_logits(self, pixels: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
+    def segmentation_logits(self, pixels: torch.Tensor, text_emb: torch.Tensor, owner: torch.Tensor | None = None) -> torch.Tensor:
         """Per-pixel class logits (B, C, H, W) at the input resolution.
 
-        Each segment's cosine similarity to each class embedding, spread over pixels by
-        the soft grouping maps (bilinearly upsampled), as the GroupViT paper and
-        transformers' ``segmentation_logits`` define it.
+        Each segment's class logits (``groupseg.classify.class_logits``: cosine similarity x
+        logit scale, a class scoring as its best synonym), spread over pixels by the soft
+        grouping maps (bilinearly upsampled) and scaled once more, as transformers'
+        ``GroupViTModel`` defines ``segmentation_logits``.
 
         Args:
             pixels: (B, 3, H, W) normalised images.
-            text_emb: (C, D) L2-normalised class embeddings.
+            text_emb: (S, D) L2-normalised class (or synonym) embeddings.
+            owner: (S,) class index of each row of ``text_emb``; ``None`` = one row per class.
         """
+        from ..classify import class_logits
+
         g = self.encode_groups(pixels)
         scale = self.logit_scale.exp()
-        logits = torch.einsum("bgd,cd->bcg", g["group_embeds"], text_emb.to(g["group_embeds"].dtype)) * scale
+        owner = torch.arange(text_emb.shape[0]) if owner is None else owner
+        logits = class_logits(g["group_embeds"], text_emb, owner, int(owner.max()) + 1, scale)  # (B, G, C)
         grouping = F.interpolate(g["grouping"], size=pixels.shape[-2:], mode="bilinear", align_corners=False)
-        seg = torch.einsum("bcg,bghw->bchw", logits, grouping)
+        seg = torch.einsum("bgc,bghw->bchw", logits, grouping)
         return seg * scale
 
     def set_tuned_classes(self, names: list[str], embeds: torch.Tensor, owner: list[int] | torch.Tensor | None = None) -> None:

@@ -1,0 +1,71 @@
+"""The STEGO / PASS unsupervised protocol over a benchmark: k-means (K = classes) over the segments
+of all images, every pixel takes its cluster, clusters matched one-to-one to classes by the
+Hungarian algorithm on the cluster-vs-class confusion, then the usual metrics."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from groupseg.viz import Gallery, save_label_map
+
+from .clusters import Reservoir, hungarian_match, matched_confusion
+from .datasets import Sample, SegDataset, read_rgb
+from .metrics import ConfusionMatrix
+from .report import _miou_of_pairs, image_miou
+from .zero_shot import check_size
+
+
+def evaluate_unsupervised(seg, ds: SegDataset, samples: Sequence[Sample], args) -> tuple[ConfusionMatrix, Gallery]:
+    """Two passes over the images (features, then assignment); a third over the few pictured or saved."""
+    from tqdm import tqdm
+
+    from groupseg.clusters import cluster_label_map, group_features, kmeans
+
+    C = ds.num_classes
+    K = args.clusters or C
+    pool = Reservoir()
+    for s in tqdm(samples, desc="features", unit="img", dynamic_ncols=True):
+        f = group_features(seg, read_rgb(s.image))
+        pool.add(f.embeds.cpu(), f.areas.cpu())
+    centres, _ = kmeans(pool.x.to(seg.device), K, weights=pool.w.to(seg.device), seed=0)
+
+    def clusters_of(rgb: np.ndarray) -> np.ndarray:  # (H, W) nearest centre per pixel
+        f = group_features(seg, rgb)
+        return cluster_label_map(f, (f.embeds @ centres.T).argmax(1))
+
+    conf = np.zeros(K * C, dtype=np.int64)
+    pairs: list[tuple[str, np.ndarray, np.ndarray]] = []  # per image: (stem, cluster * C + class, count), small
+    for s in tqdm(samples, desc="assign", unit="img", dynamic_ncols=True):
+        target = ds.load_target(s)
+        lab = clusters_of(read_rgb(s.image))
+        check_size(s, lab, target)
+        valid = (target != ds.ignore_index) & (target >= 0) & (target < C)
+        codes, counts = np.unique(lab[valid] * C + target[valid], return_counts=True)
+        np.add.at(conf, codes, counts)
+        if args.gallery:
+            pairs.append((s.stem, codes.astype(np.int64), counts.astype(np.int64)))
+    conf = conf.reshape(K, C)
+    mapping = hungarian_match(conf)
+    cm = ConfusionMatrix(C, ignore_index=ds.ignore_index)
+    cm.mat = matched_confusion(conf, mapping)
+
+    gallery = Gallery(ds.classes, ds.background)
+    chosen: set[str] = set()
+    if args.gallery:
+        scored = [(_miou_of_pairs(mapping[c // C], c % C, n, C), stem) for stem, c, n in pairs]
+        chosen = {stem for _, stem in Gallery.pick(scored)}
+    if chosen or args.save_predictions:
+        todo = [s for s in samples if args.save_predictions or s.stem in chosen]
+        lut = np.append(mapping, -1)  # cluster -> metric class, -1 unmatched
+        for s in tqdm(todo, desc="render", unit="img", dynamic_ncols=True):
+            rgb = read_rgb(s.image)
+            pred = lut[clusters_of(rgb)]
+            if args.save_predictions:
+                vocab_idx = pred - 1 if ds.background else pred
+                save_label_map(np.where(vocab_idx < 0, -1, vocab_idx), -1, Path(args.save_predictions) / f"{s.stem}.png", C)
+            if s.stem in chosen:
+                gallery.add(image_miou(pred, ds.load_target(s), C, ds.ignore_index), s.stem, rgb, ds.load_target(s), pred)
+    print(f"unsupervised: K={K} clusters over {len(pool.x)} segments, {int((mapping >= 0).sum())} matched to classes")
+    return cm, gallery
