@@ -10,7 +10,7 @@ from typing import Sequence
 
 from groupseg.argtypes import float_range, int_range
 
-from .datasets import DATASETS, load_dataset
+from .datasets import DATASETS, hold_out_sequence, load_dataset
 from .report import command_line, print_table, write_json
 
 EXAMPLES = """examples:
@@ -36,6 +36,9 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
                    help=f"benchmark: {', '.join(DATASETS)}, flickr8k (retrieval)")
     p.add_argument("--data-root", required=True, help="folder the dataset was unpacked into")
     p.add_argument("--split", default="val", help="split (default: val; flickr8k: dev or test)")
+    p.add_argument("--holdout-sequence", default="", metavar="SEQ",
+                   help="evaluate only this video sequence's frames of the split (leave-one-sequence-out: "
+                        "the sequence a 'groupseg finetune --holdout-sequence SEQ' run never saw)")
     p.add_argument("--weights", help="weights directory or file, or a hub id as hf-hub:OWNER/NAME (default: see README)")
     p.add_argument("--protocol", choices=PROTOCOL_CHOICES, default=None,
                    help="paper (GroupViT's, default for voc/context/coco-object), groupseg (default elsewhere), "
@@ -97,6 +100,8 @@ def run_eval(args: argparse.Namespace) -> int:
     from .zero_shot import evaluate_zero_shot, resolve_protocol, settings, vocabulary
 
     ds = load_dataset(args.dataset, args.data_root, args.split, args.vocab_file)
+    if args.holdout_sequence:
+        ds = hold_out_sequence(ds, args.holdout_sequence, keep="held")
     protocol = resolve_protocol(args, ds)
     samples = ds.samples[: args.limit] if args.limit > 0 else ds.samples
     threshold = ds.default_threshold if args.threshold is None else args.threshold
@@ -137,7 +142,8 @@ def _report(args, ds, cm, per_image, n_images: int, used: dict, threshold: float
     from groupseg.viz import plot_confusion
 
     res = cm.compute()
-    print_table(ds.classes, res, n_images, f"{ds.name} ({args.split}), protocol {used['protocol']}, threshold {threshold:g}")
+    split = args.split + (f", sequence {args.holdout_sequence} only" if args.holdout_sequence else "")
+    print_table(ds.classes, res, n_images, f"{ds.name} ({split}), protocol {used['protocol']}, threshold {threshold:g}")
     if args.confusion:
         plot_confusion(cm.mat, ds.classes, args.confusion, f"{ds.name} {args.split} ({used['protocol']}): mIoU {100 * res['miou']:.1f}")
         print(f"wrote {args.confusion}")
@@ -145,7 +151,7 @@ def _report(args, ds, cm, per_image, n_images: int, used: dict, threshold: float
         per_image.save(args.gallery)
         print(f"wrote {args.gallery}")
     results = {
-        "dataset": ds.name, "split": args.split, "protocol": used["protocol"], "settings": used,
+        "dataset": ds.name, "split": args.split, "holdout_sequence": args.holdout_sequence, "protocol": used["protocol"], "settings": used,
         "miou": res["miou"], "per_class_iou": dict(zip(ds.classes, res["per_class_iou"])),
         "pixel_acc": res["pixel_acc"], "mean_acc": res["mean_acc"], "fwiou": res["fwiou"],
         "num_images": n_images, "num_pixels": res["num_pixels"], "threshold": threshold,

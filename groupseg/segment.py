@@ -273,10 +273,13 @@ class Segmenter:
         names, owner, tuned = [], [], {}
         for c, e in enumerate(entries):
             syn = parse_class(e)
-            vec = self.model.tuned_class_embedding(syn[0])
-            if vec is not None:  # a fine-tuned class: its own classifier replaces the prompts
-                tuned[len(names)] = vec.to(self.device)
-                syn = syn[:1]
+            rows = self.model.tuned_class_rows(syn[0])
+            if rows is not None:  # a fine-tuned class: its tuned rows (one per tuned synonym) replace the prompts
+                for r in rows:
+                    tuned[len(names)] = r.to(self.device)
+                    names.append(syn[0])
+                    owner.append(c)
+                continue
             for n in syn:
                 names.append(n)
                 owner.append(c)

@@ -18,13 +18,6 @@ CAMVID = SHARED / "camvid"
 FLICKR = SHARED / "flickr8k"
 
 
-# doctests of library modules whose examples are broken in files this suite's owner does not edit:
-# expected failures until fixed (a fixed one shows as XPASS in the -ra summary: delete its entry)
-KNOWN_BROKEN_DOCTESTS = {
-    "groupseg.factory.create_model": "train-mode model, BatchNorm on a batch of 1: the example needs .eval()",
-}
-
-
 def pytest_configure(config: pytest.Config) -> None:
     """``pytest tests`` (the whole folder) also collects the library's doctests (``--doctest-modules``)."""
     whole = any(Path(a.split("::")[0]).resolve() == TESTS for a in config.args)
@@ -40,9 +33,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if DATA_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.needs_data)
-        reason = KNOWN_BROKEN_DOCTESTS.get(item.name) if item.__class__.__name__ == "DoctestItem" else None
-        if reason:
-            item.add_marker(pytest.mark.xfail(reason=reason, strict=False))
 
 
 def perturb_(model: torch.nn.Module, std: float = 0.05, seed: int = 0) -> torch.nn.Module:

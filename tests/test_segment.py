@@ -175,6 +175,7 @@ def test_cli_directory_and_vocab_file(tiny_weights, images, tmp_path, monkeypatc
     assert not (out / "truncated_labels.png").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.subprocess
 @pytest.mark.parametrize(
     "args, message",

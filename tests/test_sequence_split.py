@@ -68,3 +68,16 @@ def test_photometric_augmentation_is_seeded_and_changes_colours():
     assert torch.equal(a, b) and not torch.equal(a, c) and not torch.equal(a, px)
     with pytest.raises(ValueError, match="--color-jitter must be in \\[0, 1\\], got 2"):
         FT.FinetuneConfig(dataset="camvid", data_root=".", out="x", color_jitter=2.0)
+
+
+def test_eval_scores_only_the_held_out_sequence(tiny_weights, tmp_path):
+    import json
+
+    from groupseg.eval.main import main as eval_main
+
+    root = make_sequences(tmp_path / "camvid")
+    out = tmp_path / "r.json"
+    rc = eval_main(["--dataset", "camvid", "--data-root", str(root), "--split", "train", "--holdout-sequence", "0001TP",
+                    "--weights", str(tiny_weights), "--short-side", "32", "--out", str(out), "--device", "cpu"])
+    assert rc == 0
+    assert json.loads(out.read_text())["num_images"] == SEQUENCES["0001TP"]
