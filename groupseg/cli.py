@@ -246,8 +246,9 @@ TRAIN_NEEDS = ("accelerate", "yaml", "webdataset", "matplotlib")
 COMMANDS: dict[str, Command] = {
     "segment": Command(
         "segment images with a word list", "add_segment_args", "run_segment",
-        epilog='examples:\n  groupseg segment docs/astronaut.jpg --vocab "person,sky,flag,rocket" --groupings 1 --templates short\n'
-        '  groupseg segment docs/ --vocab "cat,dog,person,rocket,cup,grass" --threshold 0.2 --out results/\n'
+        epilog='examples (run from a checkout, which has these photos):\n'
+        '  groupseg segment docs/astronaut.jpg --vocab "person,sky,flag,rocket" --groupings 1 --templates short\n'
+        '  groupseg segment docs/cat.jpg docs/rocket.jpg --vocab "cat,rocket,sky,person" --threshold 0.3 --out results/\n'
         "  groupseg segment docs/cat.jpg --clusters 3"),
     "groups": Command(
         "pictures of the learned groups of each grouping stage", "add_groups_args", "run_groups",
@@ -270,7 +271,7 @@ COMMANDS: dict[str, Command] = {
 
 EXAMPLES = """examples:
   groupseg segment docs/astronaut.jpg --vocab "person,sky,flag,rocket" --groupings 1 --templates short
-  groupseg segment docs/ --vocab "cat,dog,person,rocket,cup,grass" --threshold 0.2 --out results/
+  groupseg segment docs/cat.jpg docs/rocket.jpg --vocab "cat,rocket,sky,person" --threshold 0.3 --out results/
   groupseg segment docs/cat.jpg --clusters 3
   groupseg eval --dataset camvid --data-root ../shared/data/camvid --split val
   groupseg convert group_vit_gcc_yfcc_30e-74d335e6.pth gvit-yfcc/
