@@ -137,7 +137,7 @@ def _summary(res, threshold: float) -> str:
         return f"all background ({why})"
     if frac.get("background", 0) > 0:
         top.append((frac["background"], "background"))
-    return ", ".join(f"{k} {100 * v:.1f}%" for v, k in top)
+    return ", ".join(f"{k} {100 * v:.1f}%" if v >= 0.0005 else f"{k} <0.1%" for v, k in top)
 
 
 def run_segment(args: argparse.Namespace) -> int:
@@ -175,11 +175,9 @@ def run_segment(args: argparse.Namespace) -> int:
         if stems[stem] > 1:  # two inputs with the same name: keep both
             stem = f"{stem}_{stems[stem]}"
         res.save(out / stem)
-        line = _summary(res, args.threshold)
-        if not args.quiet and len(paths) == 1:
-            print(line, f"-> {out / stem}_overlay.png")
-        elif not args.quiet and line.startswith("all background"):
-            bar.write(f"{path}: {line}")
+        if not args.quiet:  # one line per image: what it was labelled, or that nothing passed the threshold
+            line = f"{_summary(res, args.threshold)} -> {out / stem}_overlay.png"
+            bar.write(line if len(paths) == 1 else f"{path.name}: {line}")
     if failed:
         print(f"groupseg: {failed} of {len(paths)} images failed", file=sys.stderr)
         return 1
