@@ -30,6 +30,7 @@ def _python(code: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=cwd, timeout=300)
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("argv", [["--help"], ["segment", "--help"], ["groups", "--help"], ["convert", "--help"],
                                   ["info", "--help"], ["segment", str(PHOTO), "--window", "-5"]])
 def test_help_and_option_errors_import_nothing_heavy(argv):
@@ -153,6 +154,7 @@ def test_all_background_result_says_so(tiny_weights, tmp_path, capsys):
     assert out.startswith("all background (no class reached --threshold 1"), out
 
 
+@pytest.mark.subprocess
 def test_one_installed_top_level_package(tmp_path):
     tool = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
     assert tool["packages"] and all(p == "groupseg" or p.startswith("groupseg.") for p in tool["packages"])
