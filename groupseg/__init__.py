@@ -1,32 +1,41 @@
-"""groupseg: open-vocabulary, zero-shot semantic segmentation with GroupViT."""
-from .config import ModelConfig, StageConfig, TextConfig, VisionConfig
-from .convert import CheckpointError
-from .factory import create_model, get_model_config, list_models, load_model, read_weights
-from .models.groupvit import GroupViT
+"""groupseg: open-vocabulary, zero-shot semantic segmentation with GroupViT.
+
+Importing ``groupseg`` (and so the ``groupseg`` command) loads no torch: each name below is
+imported from its module on first use.
+"""
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "CheckpointError",
-    "GroupViT",
-    "ModelConfig",
-    "Segmenter",
-    "SegmentationResult",
-    "StageConfig",
-    "TextConfig",
-    "VisionConfig",
-    "create_model",
-    "get_model_config",
-    "list_models",
-    "load_model",
-    "read_weights",
-]
+# public name -> the module that defines it
+_EXPORTS = {
+    "CheckpointError": "convert",
+    "GroupViT": "models.groupvit",
+    "ModelConfig": "config",
+    "Segmenter": "segment",
+    "SegmentationResult": "segment",
+    "StageConfig": "config",
+    "TextConfig": "config",
+    "VisionConfig": "config",
+    "create_model": "factory",
+    "get_model_config": "factory",
+    "list_models": "factory",
+    "load_model": "factory",
+    "read_weights": "factory",
+}
+
+__all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name: str):
-    # the segmentation API pulls in PIL and the tokenizer: import it on first use
-    if name in ("Segmenter", "SegmentationResult"):
-        from . import segment
-
-        return getattr(segment, name)
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value  # later look-ups skip this function
+        return value
     raise AttributeError(f"module 'groupseg' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
