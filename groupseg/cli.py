@@ -177,6 +177,8 @@ def run_segment(args: argparse.Namespace) -> int:
         res.save(out / stem)
         if not args.quiet:  # one line per image: what it was labelled, or that nothing passed the threshold
             line = f"{_summary(res, args.threshold)} -> {out / stem}_overlay.png"
+            if res.note:  # e.g. fewer clusters than asked for, and why
+                line += f" ({res.note})"
             bar.write(line if len(paths) == 1 else f"{path.name}: {line}")
     if failed:
         print(f"groupseg: {failed} of {len(paths)} images failed", file=sys.stderr)

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .argtypes import resolve_device
 from .classify import BACKGROUND, background_channel_label_map, background_floor, class_logits, to_label_map, top_k_filter, with_background
 from .factory import load_model
 from .models.groupvit import GroupViT
@@ -154,7 +155,7 @@ class Segmenter:
         threshold: background threshold in [0, 1]; 0 = no background. ``groupseg``: a pixel whose
             best class probability is below it is background (255). ``paper``: NVlabs' rule, below
             ``min(threshold, best segment score of the crop)`` (``groupseg.classify.background_floor``).
-        device: torch device.
+        device: torch device, or ``"auto"`` (CUDA when visible, else the CPU; ``groupseg.argtypes.resolve_device``).
         weights_dir: where the weights came from (for a Hugging Face tokenizer stored beside them).
         tokenizer: use this tokenizer instead of the one found from the config / ``weights_dir``.
         groupings: grouping stages that merge segments (``None`` = the model config's
@@ -183,7 +184,7 @@ class Segmenter:
         window: int | None = None,
         top_k: int | None = None,
         threshold: float = 0.0,
-        device: str | torch.device = "cpu",
+        device: str | torch.device | None = "auto",
         weights_dir: str | Path | None = None,
         tokenizer=None,
         refine: str = "",
@@ -200,6 +201,7 @@ class Segmenter:
         self.groupings = groupings if groupings is not None else model.cfg.groupings
         from .precision import resolve_precision
 
+        device = resolve_device(device)
         self.text_precision = resolve_precision(text_precision or ("fp32" if paper else "auto"), device)
         if refine not in ("", "pamr"):
             raise ValueError(f"unknown refinement {refine!r}; expected 'pamr' or ''")
@@ -230,12 +232,13 @@ class Segmenter:
         self._cache: dict[tuple[str, str], torch.Tensor] = {}
 
     @classmethod
-    def from_pretrained(cls, weights: str | Path | None = None, device: str | torch.device = "cpu", **kwargs) -> "Segmenter":
+    def from_pretrained(cls, weights: str | Path | None = None, device: str | torch.device | None = "auto", **kwargs) -> "Segmenter":
         """Load weights (a directory, file, ``hf-hub:`` id, or ``None`` for the default) and wrap them."""
         from .factory import hub_snapshot
         from .pretrained import resolve_weights
 
         path = hub_snapshot(resolve_weights(weights))  # hf-hub:OWNER/NAME -> its downloaded folder
+        device = resolve_device(device)  # auto: cuda when visible, else cpu (the rule of every command)
         model = load_model(path, device=device)
         wdir = Path(path) if Path(str(path)).is_dir() else None
         return cls(model, device=device, weights_dir=wdir, **kwargs)
