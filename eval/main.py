@@ -201,15 +201,24 @@ def evaluate_unsupervised(seg, ds: SegDataset, samples: Sequence[Sample], args) 
 
     C = ds.num_classes
     K = args.clusters or C
-    pool = Reservoir()
-    for s in tqdm(samples, desc="features", unit="img", dynamic_ncols=True):
-        f = group_features(seg, read_rgb(s.image))
-        pool.add(f.embeds.cpu(), f.areas.cpu())
-    centres, _ = kmeans(pool.x.to(seg.device), K, weights=pool.w.to(seg.device), seed=0)
+    if getattr(seg.model, "stego", None) is not None:  # a STEGO head (groupseg discover): its codes and centres
+        from groupseg.stego import stego_centres, stego_label_map
 
-    def clusters_of(rgb: np.ndarray) -> np.ndarray:  # (H, W) nearest centre per pixel
-        f = group_features(seg, rgb)
-        return cluster_label_map(f, (f.embeds @ centres.T).argmax(1))
+        centres = stego_centres(seg, (read_rgb(s.image) for s in tqdm(samples, desc="features", unit="img")), K)
+        pool = Reservoir()
+
+        def clusters_of(rgb: np.ndarray) -> np.ndarray:  # (H, W) nearest centre per pixel
+            return stego_label_map(seg, rgb, centres).numpy().astype(np.int64)
+    else:
+        pool = Reservoir()
+        for s in tqdm(samples, desc="features", unit="img", dynamic_ncols=True):
+            f = group_features(seg, read_rgb(s.image))
+            pool.add(f.embeds.cpu(), f.areas.cpu())
+        centres, _ = kmeans(pool.x.to(seg.device), K, weights=pool.w.to(seg.device), seed=0)
+
+        def clusters_of(rgb: np.ndarray) -> np.ndarray:  # (H, W) nearest centre per pixel
+            f = group_features(seg, rgb)
+            return cluster_label_map(f, (f.embeds @ centres.T).argmax(1))
 
     conf = np.zeros(K * C, dtype=np.int64)
     pairs: list[tuple[str, np.ndarray, np.ndarray]] = []  # per image: (stem, cluster * C + class, count), small
@@ -244,7 +253,8 @@ def evaluate_unsupervised(seg, ds: SegDataset, samples: Sequence[Sample], args) 
             if s.stem in chosen:
                 target = ds.load_target(s)
                 gallery.add(image_miou(pred, target, C, ds.ignore_index), s.stem, rgb, target, pred)
-    print(f"unsupervised: K={K} clusters over {len(pool.x)} segments, {int((mapping >= 0).sum())} matched to classes")
+    print(f"unsupervised: K={K} clusters over {len(pool.x) if pool.x is not None else 'the head codes of all'} segments, "
+          f"{int((mapping >= 0).sum())} matched to classes")
     return cm, gallery
 
 

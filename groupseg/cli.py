@@ -233,6 +233,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
         "eval": ("groupseg.eval.main", "add_eval_args", "run_eval", "evaluate zero-shot segmentation or retrieval"),
         "finetune": ("groupseg.training.finetune", "add_finetune_args", "run_finetune",
                      "fine-tune on a few pixel-labelled images (ce, mix-match) or image tags (weak-shot)"),
+        "discover": ("groupseg.training.discover", "add_discover_args", "run_discover", "learn to segment with no labels and no words (STEGO + self-training)"),
     }
     wanted = argv[0] if argv else None
     for name, (module, add, run, help_) in lazy.items():
