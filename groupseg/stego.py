@@ -102,14 +102,17 @@ class StegoHead(nn.Module):
         clusters: cluster centres kept (``centres`` (K, code dim), ``centre_embeds`` (K, embed_dim)).
         embed_dim: joint-space size, for the centres' names.
         dropout: channel dropout on the features in training (STEGO: 0.1).
+        kernel: the nonlinear branch's first convolution (1 = STEGO's per-pixel head; 3 = the
+            self-trained head, which sees each patch's neighbours).
     """
 
-    def __init__(self, in_dim: int, dim: int = 70, clusters: int = 0, embed_dim: int = 256, dropout: float = 0.1) -> None:
+    def __init__(self, in_dim: int, dim: int = 70, clusters: int = 0, embed_dim: int = 256, dropout: float = 0.1,
+                 kernel: int = 1) -> None:
         super().__init__()
         self.in_dim, self.dim = in_dim, dim
         if dim:
             self.linear = nn.Conv2d(in_dim, dim, 1)
-            self.nonlinear = nn.Sequential(nn.Conv2d(in_dim, in_dim, 1), nn.ReLU(), nn.Conv2d(in_dim, dim, 1))
+            self.nonlinear = nn.Sequential(nn.Conv2d(in_dim, in_dim, kernel, padding=kernel // 2), nn.ReLU(), nn.Conv2d(in_dim, dim, 1))
         self.dropout = nn.Dropout2d(dropout)
         self.register_buffer("centres", torch.zeros(clusters, dim or in_dim))
         self.register_buffer("centre_embeds", torch.zeros(clusters, embed_dim))
@@ -132,8 +135,9 @@ class StegoHead(nn.Module):
 
 
 def build_head(cfg: dict, embed_dim: int) -> StegoHead:
-    """The head described by ``ModelConfig.stego`` (keys ``in_dim``, ``dim``, ``clusters``, ``feature``)."""
-    return StegoHead(int(cfg["in_dim"]), int(cfg.get("dim", 70)), int(cfg.get("clusters", 0)), embed_dim)
+    """The head described by ``ModelConfig.stego`` (keys ``in_dim``, ``dim``, ``clusters``, ``feature``, ``kernel``)."""
+    return StegoHead(int(cfg["in_dim"]), int(cfg.get("dim", 70)), int(cfg.get("clusters", 0)), embed_dim,
+                     kernel=int(cfg.get("kernel", 1)))
 
 
 def stego_config(model: nn.Module, feature: str, dim: int, clusters: int) -> dict:
@@ -365,9 +369,14 @@ def dense_codes(model: nn.Module, pixels: torch.Tensor) -> tuple[torch.Tensor, t
 
 @torch.no_grad()
 def cluster_scores(codes: torch.Tensor, centres: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """(B, dim, h, w) codes bilinearly upsampled to ``size``, cosine to (K, dim) centres -> (B, K, H, W)."""
-    up = F.normalize(F.interpolate(codes, size=size, mode="bilinear", align_corners=False), dim=1)
-    return torch.einsum("bdhw,kd->bkhw", up, F.normalize(centres.to(up), dim=-1))
+    """(B, dim, h, w) unit codes -> (B, K, H, W) cosine to (K, dim) centres, bilinearly upsampled to ``size``.
+
+    Scoring on the patch grid and upsampling the K scores equals scoring the upsampled codes up to
+    a positive factor per pixel (the codes' renormalisation), so the nearest centre is the same,
+    at K / dim of the cost.
+    """
+    scores = torch.einsum("bdhw,kd->bkhw", codes, F.normalize(centres.to(codes), dim=-1))
+    return F.interpolate(scores, size=size, mode="bilinear", align_corners=False)
 
 
 def _pixels(segmenter, image):

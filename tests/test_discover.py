@@ -257,3 +257,35 @@ def test_discover_bad_input_is_one_line(tiny_weights, tmp_path, capsys):
     code = _discover(flat, photos, tmp_path / "o2", "--clusters", "3")
     err = capsys.readouterr().err.strip()
     assert code == 2 and "no grouping stage" in err and len(err.splitlines()) == 1
+
+
+def test_discovered_weights_drive_segment_and_the_unsupervised_eval(tiny_weights, tmp_path):
+    from groupseg.cli import main
+    from groupseg.clusters import cluster_segment
+
+    photos = _photos(tmp_path / "photos")
+    out = tmp_path / "out"
+    assert _discover(tiny_weights, photos, out, "--clusters", "3", "--self-train-rounds", "0") == 0
+    seg = groupseg.Segmenter.from_pretrained(out, short_side=64, templates="simple")
+    img = np.asarray(Image.open(photos / "p0.png"))
+    res = cluster_segment(seg, img, 3, vocab="sky,road,car,tree,dog")  # the stored centres, named by their directions
+    assert res.label_map.shape == (48, 64) and 1 <= len(res.classes) <= 3
+    assert all(c.split(" ")[0] in {"sky", "road", "car", "tree", "dog"} for c in res.classes)
+    assert res.scores.shape == (len(res.classes), 48, 64)
+    assert len(cluster_segment(seg, img, 2, vocab="sky,road").classes) <= 2  # another K: k-means of this image's codes
+    with pytest.raises(ValueError, match="feature pixels"):
+        cluster_segment(seg, img, 10_000, vocab="sky")
+    # the Hungarian protocol with the head: a CamVid layout whose labels are the photos' two halves
+    root = tmp_path / "camvid"
+    (root / "val").mkdir(parents=True)
+    (root / "valannot").mkdir()
+    for p in sorted(photos.glob("*.png"))[:3]:
+        Image.open(p).save(root / "val" / p.name)
+        lab = np.zeros((48, 64), np.uint8)
+        lab[24:] = 3
+        Image.fromarray(lab).save(root / "valannot" / p.name)
+    res_json = tmp_path / "r.json"
+    rc = main(["eval", "--dataset", "camvid", "--data-root", str(root), "--weights", str(out), "--protocol", "unsupervised",
+               "--clusters", "3", "--short-side", "64", "--templates", "simple", "--device", "cpu", "--pamr", "--out", str(res_json)])
+    r = json.loads(res_json.read_text())
+    assert rc == 0 and r["protocol"] == "unsupervised" and r["num_images"] == 3 and 0 <= r["pixel_acc"] <= 1

@@ -64,7 +64,7 @@ def add_discover_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--crop-ratio", type=float_range(0, 1, lo_open=True), default=0.5,
                    help="crop side / image short side (five-crop)")
     p.add_argument("--knn", type=int_range(1), default=7, help="neighbours per crop")
-    p.add_argument("--steps", type=int_range(0), default=3000, help="head training steps")
+    p.add_argument("--steps", type=int_range(0), default=1500, help="head training steps")
     p.add_argument("--batch-size", type=int_range(2), default=16)
     p.add_argument("--lr", type=float_range(0, lo_open=True), default=5e-4)
     p.add_argument("--shifts", default="0.18,0.12,0.46", help="b_self,b_knn,b_rand (STEGO's shifts)")
@@ -147,7 +147,7 @@ def run_discover(args: argparse.Namespace) -> int:
     from groupseg.pretrained import resolve_weights
     from groupseg.stego import attach_head, knn_pairs
 
-    from .stego_train import FeatureCache, fit_probe, train_head
+    from .stego_train import FeatureCache, fit_probe, plot_code_space, train_head
     from .selftrain import self_train
 
     t0 = time.time()
@@ -171,10 +171,11 @@ def run_discover(args: argparse.Namespace) -> int:
     centres, embeds = fit_probe(model, head, cache, k, args.probe_epochs, args.seed)
     head.set_centres(centres, embeds)
     for r in range(args.self_train_rounds if args.dim else 0):
-        self_train(model, head, cache, args, round_=r)
+        head = self_train(model, head, cache, args, round_=r)
         head.set_centres(*fit_probe(model, head, cache, k, args.probe_epochs, args.seed, init=head.centres))
     timings["total"] = time.time() - t0
     export(model, weights, out, args, timings)
+    plot_code_space(model, head, cache, out / "code_space.png", seed=args.seed)
     print(f"discover: wrote {out}/config.json and model.safetensors (K={k}, {len(paths)} images, "
           f"{timings['total'] / 60:.1f} min)")
     return 0

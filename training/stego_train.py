@@ -159,7 +159,8 @@ def code_batches(model, head: StegoHead, cache: FeatureCache, gen: torch.Generat
     for chunk in cache.chunks(size, gen):
         tokens = cache.token_batch(chunk, model.logit_scale.device)
         feats = features_from_tokens(model, tokens, feature)  # (n, g*g, C)
-        codes = head(feats.transpose(1, 2)[..., None])[..., 0].transpose(1, 2)  # 1x1 convs on (n, C, g*g, 1)
+        g = cache.grid
+        codes = head(feats.transpose(1, 2).reshape(len(chunk), -1, g, g)).flatten(2).transpose(1, 2)  # (n, g*g, dim)
         yield F.normalize(codes.reshape(-1, codes.shape[-1]), dim=-1), tokens, chunk
 
 
@@ -189,3 +190,34 @@ def fit_probe(model, head: StegoHead, cache: FeatureCache, k: int, epochs: int, 
         embeds.index_add_(0, km.predict(codes), joint)
     print(f"discover: cluster probe K={k} over {len(cache) * cache.grid ** 2} pixels in {time.time() - t0:.0f} s")
     return km.centres, embeds
+
+
+# ----------------------------------------------------------------------------- picture
+@torch.no_grad()
+def plot_code_space(model, head: StegoHead, cache: FeatureCache, path: Path, points: int = 6000, seed: int = 0) -> None:
+    """The learned code space in 2-D (PCA of a seeded sample of pixels), coloured by cluster."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from groupseg.segment import palette
+
+    gen = torch.Generator().manual_seed(seed)
+    per = max(1, points // max(1, len(cache)))
+    xs = []
+    for codes, _, _ in code_batches(model, head, cache, gen):
+        xs.append(codes[torch.randperm(len(codes), generator=gen)[: per * 64]])
+        if sum(len(x) for x in xs) >= points:
+            break
+    x = torch.cat(xs)[:points].float()
+    lab = (x @ head.centres.T.to(x)).argmax(1).cpu().numpy()
+    xc = x - x.mean(0)
+    _, _, v = torch.pca_lowrank(xc, q=2, center=False)
+    xy = (xc @ v[:, :2]).cpu().numpy()
+    colours = palette(max(int(lab.max()) + 1, 2)) / 255.0
+    fig = Figure(figsize=(5, 5))
+    ax = fig.add_subplot(111)
+    ax.scatter(xy[:, 0], xy[:, 1], s=2, c=colours[lab], linewidths=0)
+    ax.set_title(f"codes of {len(x)} training pixels (PCA), coloured by cluster")
+    ax.set_xticks([]), ax.set_yticks([])
+    FigureCanvasAgg(fig)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
