@@ -17,14 +17,21 @@ from .report import _miou_of_pairs, image_miou
 from .zero_shot import check_size
 
 
-def evaluate_unsupervised(seg, ds: SegDataset, samples: Sequence[Sample], args) -> tuple[ConfusionMatrix, Gallery]:
-    """Two passes over the images (features, then assignment); a third over the few pictured or saved."""
+def _cluster_assigner(seg, samples: Sequence[Sample], K: int):
+    """Cluster centres over the dataset -> (``rgb -> (H, W) cluster index``, what was clustered).
+
+    A model with a STEGO head (``groupseg discover``) clusters its codes (streamed mini-batch
+    k-means); any other clusters the segment embeddings of its last grouping stage.
+    """
     from tqdm import tqdm
 
     from groupseg.clusters import cluster_label_map, group_features, kmeans
 
-    C = ds.num_classes
-    K = args.clusters or C
+    if getattr(seg.model, "stego", None) is not None:
+        from groupseg.stego import stego_centres, stego_label_map
+
+        centres = stego_centres(seg, (read_rgb(s.image) for s in tqdm(samples, desc="features", unit="img")), K)
+        return (lambda rgb: stego_label_map(seg, rgb, centres).numpy().astype(np.int64)), "the STEGO head's pixel codes"
     pool = Reservoir()
     for s in tqdm(samples, desc="features", unit="img", dynamic_ncols=True):
         f = group_features(seg, read_rgb(s.image))
@@ -34,6 +41,17 @@ def evaluate_unsupervised(seg, ds: SegDataset, samples: Sequence[Sample], args) 
     def clusters_of(rgb: np.ndarray) -> np.ndarray:  # (H, W) nearest centre per pixel
         f = group_features(seg, rgb)
         return cluster_label_map(f, (f.embeds @ centres.T).argmax(1))
+
+    return clusters_of, f"{len(pool.x)} segments"
+
+
+def evaluate_unsupervised(seg, ds: SegDataset, samples: Sequence[Sample], args) -> tuple[ConfusionMatrix, Gallery]:
+    """Two passes over the images (features, then assignment); a third over the few pictured or saved."""
+    from tqdm import tqdm
+
+    C = ds.num_classes
+    K = args.clusters or C
+    clusters_of, what = _cluster_assigner(seg, samples, K)
 
     conf = np.zeros(K * C, dtype=np.int64)
     pairs: list[tuple[str, np.ndarray, np.ndarray]] = []  # per image: (stem, cluster * C + class, count), small
@@ -67,5 +85,5 @@ def evaluate_unsupervised(seg, ds: SegDataset, samples: Sequence[Sample], args) 
                 save_label_map(np.where(vocab_idx < 0, -1, vocab_idx), -1, Path(args.save_predictions) / f"{s.stem}.png", C)
             if s.stem in chosen:
                 gallery.add(image_miou(pred, ds.load_target(s), C, ds.ignore_index), s.stem, rgb, ds.load_target(s), pred)
-    print(f"unsupervised: K={K} clusters over {len(pool.x)} segments, {int((mapping >= 0).sum())} matched to classes")
+    print(f"unsupervised: K={K} clusters over {what}, {int((mapping >= 0).sum())} matched to classes")
     return cm, gallery

@@ -267,6 +267,9 @@ COMMANDS: dict[str, Command] = {
     "finetune": Command("fine-tune on a few pixel-labelled images (ce, mix-match) or image tags (weak-shot)",
                         "add_finetune_args", "run_finetune", module="groupseg.training.finetune",
                         needs=("accelerate", "yaml", "matplotlib"), extra="train"),
+    "discover": Command("learn to segment with no labels and no words (STEGO head + PASS-style self-training)",
+                        "add_discover_args", "run_discover", module="groupseg.training.discover",
+                        needs=("matplotlib",), extra="train"),
 }
 
 EXAMPLES = """examples:

@@ -258,6 +258,10 @@ def cluster_segment(
     """
     if k < 1:
         raise ValueError(f"the number of clusters must be at least 1 (got {k})")
+    if getattr(segmenter.model, "stego", None) is not None:  # a STEGO head (groupseg discover): its codes and centres
+        from .stego import stego_segment
+
+        return stego_segment(segmenter, image, k, vocab, seed=seed)
     t0 = time.perf_counter()
     vocab = default_naming_vocab() if vocab is None else normalize_vocab(vocab)
     segmenter.class_embeddings(vocab)  # text embeddings, cached for the next image

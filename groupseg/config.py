@@ -111,6 +111,9 @@ class ModelConfig:
     # sliding-window side (pixels) the Segmenter uses by default (None = whole image); fine-tuning
     # records its crop size here, so segments at inference are as fine as those it was tuned on
     window: Optional[int] = None
+    # unsupervised STEGO head (``groupseg discover``): {"feature", "in_dim", "dim", "clusters"};
+    # the model then has ``stego`` (groupseg.stego.StegoHead) with its cluster centres
+    stego: Optional[dict[str, Any]] = None
 
     def __post_init__(self) -> None:
         self.tuned_classes = list(self.tuned_classes)

@@ -81,6 +81,10 @@ class GroupViT(nn.Module):
         else:
             self.register_parameter("tuned_class_embeds", None)
         self.init_weights()
+        if cfg.stego:  # unsupervised segmentation head and its cluster centres (groupseg.stego)
+            from ..stego import build_head
+
+            self.stego = build_head(cfg.stego, cfg.embed_dim)
 
     # ---------------------------------------------------------------- init / timm interface
     def init_weights(self) -> None:

@@ -1,0 +1,291 @@
+"""STEGO head, cluster probe, self-training and ``groupseg discover`` on tiny data the tests write."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import groupseg
+from groupseg.stego import (
+    MiniBatchKMeans,
+    StegoHead,
+    correspondence_loss,
+    derangement,
+    fit_cluster_probe,
+    knn_pairs,
+    pair_loss,
+)
+from groupseg.training.selftrain import IGNORE, keep_thresholds, margins, pseudo_labels
+
+
+# ----------------------------------------------------------------------------- loss vs brute force
+def _cos(a, b):
+    return float(a @ b / (a.norm() * b.norm()))
+
+
+def _brute_pair(f1, f2, c1, c2, shift):
+    """Per position pair, as the paper writes it: -(F_hwij - mean_i'j' F_hwi'j' - b) max(S_hwij, 0)."""
+    B, _, P = f1.shape
+    Q = f2.shape[2]
+    out = torch.zeros(B, P, Q)
+    for b in range(B):
+        for p in range(P):
+            Fp = [_cos(f1[b, :, p], f2[b, :, q]) for q in range(Q)]
+            mean = sum(Fp) / Q
+            for q in range(Q):
+                S = _cos(c1[b, :, p], c2[b, :, q])
+                out[b, p, q] = -(Fp[q] - mean - shift) * max(S, 0.0)
+    return out
+
+
+def _bilinear(x, cx, cy):
+    """x (C, h, w) at normalised (cx, cy) in [-1, 1], align_corners=True, by hand."""
+    _, h, w = x.shape
+    px, py = (cx + 1) / 2 * (w - 1), (cy + 1) / 2 * (h - 1)
+    x0, y0 = int(np.floor(px)), int(np.floor(py))
+    x1, y1 = min(x0 + 1, w - 1), min(y0 + 1, h - 1)
+    ax, ay = px - x0, py - y0
+    return (x[:, y0, x0] * (1 - ax) * (1 - ay) + x[:, y0, x1] * ax * (1 - ay)
+            + x[:, y1, x0] * (1 - ax) * ay + x[:, y1, x1] * ax * ay)
+
+
+def test_pair_loss_matches_brute_force():
+    g = torch.Generator().manual_seed(0)
+    f1, f2 = torch.randn(2, 5, 4, generator=g), torch.randn(2, 5, 3, generator=g)
+    c1, c2 = torch.randn(2, 3, 4, generator=g), torch.randn(2, 3, 3, generator=g)
+    got = pair_loss(f1, f2, c1, c2, 0.2)
+    want = _brute_pair(f1, f2, c1, c2, 0.2)
+    assert torch.allclose(got, want, atol=1e-5)
+    assert (want == 0).any() and (want != 0).any()  # the zero clamp acted on some pairs, not all
+
+
+def test_correspondence_loss_matches_brute_force_per_pixel():
+    g = torch.Generator().manual_seed(1)
+    B, C, D, h, w, n = 3, 6, 4, 5, 4, 3
+    feats, feats_k = torch.randn(B, C, h, w, generator=g), torch.randn(B, C, h, w, generator=g)
+    codes, codes_k = torch.randn(B, D, h, w, generator=g), torch.randn(B, D, h, w, generator=g)
+    shifts, weights = (0.1, 0.2, 0.3), (0.7, 0.5, 0.9)
+    got, parts = correspondence_loss(feats, feats_k, codes, codes_k, shifts, weights, torch.Generator().manual_seed(5), n, 2)
+    # replay the same draws: positions of the images, of their neighbours, then the random pairings
+    rg = torch.Generator().manual_seed(5)
+    p1 = torch.rand(B, n * n, 2, generator=rg) * 2 - 1
+    p2 = torch.rand(B, n * n, 2, generator=rg) * 2 - 1
+    perms = [derangement(B, rg) for _ in range(2)]
+
+    def at(x, pts):
+        return torch.stack([torch.stack([_bilinear(x[b], *pts[b, i].tolist()) for i in range(n * n)], 1) for b in range(B)])
+
+    f, c, fk, ck = at(feats, p1), at(codes, p1), at(feats_k, p2), at(codes_k, p2)
+    self_ = _brute_pair(f, f, c, c, shifts[0]).mean()
+    knn = _brute_pair(f, fk, c, ck, shifts[1]).mean()
+    rand = torch.stack([_brute_pair(f, fk[p], c, ck[p], shifts[2]).mean() for p in perms]).mean()
+    assert parts["self"] == pytest.approx(float(self_), abs=1e-5)
+    assert parts["knn"] == pytest.approx(float(knn), abs=1e-5)
+    assert parts["rand"] == pytest.approx(float(rand), abs=1e-5)
+    assert float(got) == pytest.approx(float(0.7 * self_ + 0.5 * knn + 0.9 * rand), abs=1e-5)
+
+
+def test_derangement_has_no_fixed_point():
+    g = torch.Generator().manual_seed(0)
+    for n in (2, 3, 7):
+        for _ in range(20):
+            assert not (derangement(n, g) == torch.arange(n)).any()
+
+
+# ----------------------------------------------------------------------------- the loss on a toy case
+def _toy_features(seed=0, B=8, C=16, h=6, w=6):
+    """Two kinds of pixels (left / right half of each image, which side is which varies), each
+    with its own feature direction plus noise: correlated within a kind, not across."""
+    g = torch.Generator().manual_seed(seed)
+    a, b = torch.randn(C, generator=g), torch.randn(C, generator=g)
+    kind = torch.zeros(B, h, w, dtype=torch.long)
+    kind[:, :, w // 2 :] = 1
+    kind[::2] = 1 - kind[::2]
+    base = torch.where(kind[:, None].bool(), b[None, :, None, None], a[None, :, None, None])
+    return base + 0.3 * torch.randn(B, C, h, w, generator=g), kind
+
+
+def _eval_loss(head, feats, seed=3):
+    with torch.no_grad():
+        codes = head(feats)
+        loss, _ = correspondence_loss(feats, feats.roll(1, 0), codes, codes.roll(1, 0), (0.1, 0.1, 0.2), (1, 1, 1),
+                                      torch.Generator().manual_seed(seed), 6, 3)
+    return float(loss)
+
+
+def test_loss_pulls_correlated_pixels_together_and_pushes_the_others_apart():
+    torch.manual_seed(0)
+    feats, kind = _toy_features()
+    head = StegoHead(16, 8, dropout=0.0)
+    opt = torch.optim.Adam(head.parameters(), lr=1e-2)
+    gen = torch.Generator().manual_seed(0)
+    before = _eval_loss(head, feats)
+    for _ in range(150):
+        codes = head(feats)
+        loss, _ = correspondence_loss(feats, feats.roll(1, 0), codes, codes.roll(1, 0), (0.1, 0.1, 0.2), (1, 1, 1), gen, 6, 3)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        z = F.normalize(head(feats), dim=1).permute(0, 2, 3, 1).reshape(-1, 8)
+    sim, same = z @ z.T, (kind.reshape(-1)[:, None] == kind.reshape(-1)[None])
+    assert sim[same].mean() > 0.9  # same kind: one direction
+    assert sim[~same].mean() < 0.1  # the other kind: pushed to orthogonal (the zero clamp) or beyond
+    trained = _eval_loss(head, feats)
+    collapsed = StegoHead(16, 8, dropout=0.0)  # every pixel the same code
+    with torch.no_grad():
+        for conv in (collapsed.linear, collapsed.nonlinear[2]):
+            conv.weight.zero_()
+        collapsed.linear.bias.fill_(1.0)
+    assert trained < before and trained < _eval_loss(collapsed, feats) - 0.05
+
+
+# ----------------------------------------------------------------------------- neighbours and probe
+def test_knn_pairs_are_never_the_image_itself():
+    g = torch.Generator().manual_seed(0)
+    imgs = torch.randn(12, 8, generator=g)
+    glob = imgs.repeat_interleave(5, 0) + 0.01 * torch.randn(60, 8, generator=g)  # five near-identical crops per photo
+    groups = torch.arange(12).repeat_interleave(5)
+    nb = knn_pairs(glob, 4, groups, chunk=7)
+    assert nb.shape == (60, 4)
+    assert not (nb == torch.arange(60)[:, None]).any()
+    assert not (groups[nb] == groups[:, None]).any()  # not even another crop of the same photo
+    # and they are the nearest of the other photos' crops
+    sim = F.normalize(glob, dim=-1) @ F.normalize(glob, dim=-1).T
+    sim[groups[:, None] == groups[None]] = -2
+    assert torch.equal(nb, sim.topk(4, dim=1).indices)
+    with pytest.raises(ValueError):
+        knn_pairs(glob[:10], 8, groups[:10])  # 2 photos cannot give 8 neighbours from other photos
+
+
+def test_cluster_probe_recovers_a_planted_clustering():
+    g = torch.Generator().manual_seed(0)
+    true_centres = F.normalize(torch.randn(5, 16, generator=g), dim=-1)
+    truth = torch.randint(5, (3000,), generator=g)
+    x = true_centres[truth] + 0.15 * torch.randn(3000, 16, generator=g)
+    batches = [x[i : i + 200] for i in range(0, 3000, 200)]  # a stream of mini-batches
+    centres = fit_cluster_probe(batches, 5, epochs=3, seed=0)
+    pred = (F.normalize(x, dim=-1) @ centres.T).argmax(1)
+    conf = torch.zeros(5, 5, dtype=torch.long).index_put_((pred, truth), torch.ones(3000, dtype=torch.long), accumulate=True)
+    assert (conf.max(1).values.sum() / 3000) > 0.98  # each found cluster is one planted cluster
+    assert (conf > 50).sum(0).eq(1).all()  # and each planted cluster is found once
+    with pytest.raises(ValueError):
+        MiniBatchKMeans(1)
+
+
+# ----------------------------------------------------------------------------- self-training
+def test_pseudo_labels_never_include_unsure_pixels():
+    g = torch.Generator().manual_seed(0)
+    centres = F.normalize(torch.randn(4, 8, generator=g), dim=-1)
+    codes = F.normalize(torch.randn(5000, 8, generator=g), dim=-1)
+    thr = keep_thresholds([codes[i : i + 500] for i in range(0, 5000, 500)], centres, keep=0.4)
+    lab = pseudo_labels(codes, centres, thr)
+    nearest, m = margins(codes, centres)
+    unsure = m < thr[nearest]
+    assert unsure.any() and (~unsure).any()
+    assert (lab[unsure] == IGNORE).all()
+    assert torch.equal(lab[~unsure], nearest[~unsure])
+    for k in range(4):  # about the surest 40 % of each cluster keep their label (histogram bins: a little more)
+        share = (lab[nearest == k] != IGNORE).float().mean()
+        assert 0.38 < share < 0.5
+
+
+# ----------------------------------------------------------------------------- the command
+def _photos(d, n=6, seed=0):
+    d.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        a = np.zeros((48, 64, 3), np.uint8)
+        a[:24] = rng.integers(0, 255, 3)  # two flat regions per photo
+        a[24:] = rng.integers(0, 255, 3)
+        Image.fromarray(a).save(d / f"p{i}.png")
+    return d
+
+
+def _discover(tiny_weights, photos, out, *extra):
+    from groupseg.cli import main
+
+    return main(["discover", "--images-dir", str(photos), "--weights", str(tiny_weights), "--out", str(out),
+                 "--res", "32", "--steps", "4", "--batch-size", "4", "--knn", "2", "--samples", "3",
+                 "--self-train-steps", "2", "--checkpoint-every", "2", "--device", "cpu", *extra])
+
+
+def test_discover_output_loads_with_load_model(tiny_weights, tmp_path):
+    photos = _photos(tmp_path / "photos")
+    assert _discover(tiny_weights, photos, tmp_path / "out", "--clusters", "3") == 0
+    model = groupseg.load_model(tmp_path / "out")
+    assert model.cfg.stego["clusters"] == 3 and model.stego.centres.shape == (3, 70)
+    assert torch.allclose(model.stego.centres.norm(dim=1), torch.ones(3), atol=1e-5)  # fitted, not the zero init
+    assert (tmp_path / "out" / "checkpoints" / "head.pt").is_file()
+    record = json.loads((tmp_path / "out" / "discover.json").read_text())
+    assert record["args"]["clusters"] == 3
+    from groupseg.stego import code_map
+
+    codes = code_map(model, torch.zeros(1, 3, 32, 48))
+    assert codes.shape == (1, 70, 4, 6)
+
+
+def test_discover_bad_input_is_one_line(tiny_weights, tmp_path, capsys):
+    photos = _photos(tmp_path / "photos")
+    (tmp_path / "empty").mkdir()
+    cases = [
+        (["--images-dir", str(tmp_path / "empty"), "--clusters", "3"], "no images"),
+        (["--clusters", "1"], "--clusters must be at least 2"),
+        (["--clusters", "100000"], "K=100000 clusters but the training crops have only"),
+        ([], "--clusters K is needed"),
+    ]
+    for extra, msg in cases:
+        args = [a for a in extra if a]
+        if "--images-dir" in args:
+            from groupseg.cli import main
+
+            code = main(["discover", *args, "--weights", str(tiny_weights), "--out", str(tmp_path / "o"), "--device", "cpu"])
+        else:
+            code = _discover(tiny_weights, photos, tmp_path / "o", *args)
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and msg in err and len(err.splitlines()) == 1, (extra, err)
+    # a backbone without first-stage grouping has no such feature
+    cfg = groupseg.get_model_config("groupvit-tiny-test")
+    for s in cfg.vision.stages:
+        s.num_group_tokens = s.num_output_groups = 0
+    flat = tmp_path / "flat"
+    groupseg.create_model(cfg).save_pretrained(flat)
+    code = _discover(flat, photos, tmp_path / "o2", "--clusters", "3")
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "no grouping stage" in err and len(err.splitlines()) == 1
+
+
+def test_discovered_weights_drive_segment_and_the_unsupervised_eval(tiny_weights, tmp_path):
+    from groupseg.cli import main
+    from groupseg.clusters import cluster_segment
+
+    photos = _photos(tmp_path / "photos")
+    out = tmp_path / "out"
+    assert _discover(tiny_weights, photos, out, "--clusters", "3", "--self-train-rounds", "0") == 0
+    seg = groupseg.Segmenter.from_pretrained(out, short_side=64, templates="simple")
+    img = np.asarray(Image.open(photos / "p0.png"))
+    res = cluster_segment(seg, img, 3, vocab="sky,road,car,tree,dog")  # the stored centres, named by their directions
+    assert res.label_map.shape == (48, 64) and 1 <= len(res.classes) <= 3
+    assert all(c.split(" ")[0] in {"sky", "road", "car", "tree", "dog"} for c in res.classes)
+    assert res.scores.shape == (len(res.classes), 48, 64)
+    assert len(cluster_segment(seg, img, 2, vocab="sky,road").classes) <= 2  # another K: k-means of this image's codes
+    with pytest.raises(ValueError, match="feature pixels"):
+        cluster_segment(seg, img, 10_000, vocab="sky")
+    # the Hungarian protocol with the head: a CamVid layout whose labels are the photos' two halves
+    root = tmp_path / "camvid"
+    (root / "val").mkdir(parents=True)
+    (root / "valannot").mkdir()
+    for p in sorted(photos.glob("*.png"))[:3]:
+        Image.open(p).save(root / "val" / p.name)
+        lab = np.zeros((48, 64), np.uint8)
+        lab[24:] = 3
+        Image.fromarray(lab).save(root / "valannot" / p.name)
+    res_json = tmp_path / "r.json"
+    rc = main(["eval", "--dataset", "camvid", "--data-root", str(root), "--weights", str(out), "--protocol", "unsupervised",
+               "--clusters", "3", "--short-side", "64", "--templates", "simple", "--device", "cpu", "--pamr", "--out", str(res_json)])
+    r = json.loads(res_json.read_text())
+    assert rc == 0 and r["protocol"] == "unsupervised" and r["num_images"] == 3 and 0 <= r["pixel_acc"] <= 1
