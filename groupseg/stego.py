@@ -9,7 +9,7 @@ Hamilton et al., "Unsupervised Semantic Segmentation by Distilling Feature Corre
     S_hwij = cos(s_hw, t_ij)                      code correspondence
     L(f, g, s, t, b) = - sum_hwij (F^SC_hwij - b) max(S_hwij, 0)
 
-averaged over the sampled positions, for three kinds of pairs: the image with itself (shift
+averaged over the sampled positions (``groupseg.loss.correspondence``), for three kinds of pairs: the image with itself (shift
 b_self, weight l_self), with one of its k nearest neighbours by global feature (b_knn, l_knn) and
 with a random other image (b_rand, l_rand). Pixels whose backbone features correlate more than b
 are pulled together in code space, the others pushed apart (down to orthogonal: the zero clamp).
@@ -25,7 +25,7 @@ that names the cluster (``centre_embeds``).
 from __future__ import annotations
 
 import math
-from typing import Iterable, Sequence
+from typing import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -51,17 +51,11 @@ def feature_dim(model: nn.Module, feature: str) -> int:
     return {"tokens": width, "joint": joint, "both": width + joint}[feature]
 
 
-def first_stage_tokens(model: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
-    """(B, 3, H, W) -> (B, N, width): image tokens after the first stage's blocks, before its grouping."""
-    vis = model.visual
-    x, grid = vis.patch_embed(pixels)  # (B, h*w, C)
-    from .layers.patch_embed import resize_pos_embed
-
-    x = x + resize_pos_embed(vis.pos_embed, grid)
-    stage = vis.stages[0]
-    n = x.shape[1]
-    x = torch.cat([x, stage.group_token.expand(x.shape[0], -1, -1)], dim=1)  # (B, N + S, C)
-    return stage._run_blocks(x)[:, :n], grid
+def first_stage_tokens(model: nn.Module, pixels: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+    """(B, 3, H, W) -> (B, N, width) image tokens after the first stage's blocks, before its grouping,
+    and the patch grid: from the vision tower's own API (only the first stage runs)."""
+    out = model.visual(pixels, groupings=1, return_patch_tokens=True)
+    return out.patch_tokens, out.grid
 
 
 def features_from_tokens(model: nn.Module, tokens: torch.Tensor, feature: str = "tokens") -> torch.Tensor:
@@ -157,82 +151,6 @@ def code_map(model: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
     """(B, 3, H, W) -> (B, code_dim, h, w) unit codes of ``model``'s STEGO head on the patch grid."""
     head = model.stego
     return F.normalize(head(dense_features(model, pixels, model.cfg.stego["feature"])), dim=1)
-
-
-# ----------------------------------------------------------------------------- correspondence loss
-def correlation(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Cosine correspondence (B, P, Q) between (B, C, P) and (B, C, Q) vectors."""
-    return torch.einsum("bcp,bcq->bpq", F.normalize(a, dim=1), F.normalize(b, dim=1))
-
-
-def pair_loss(f1: torch.Tensor, f2: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor, shift: float) -> torch.Tensor:
-    """STEGO's loss of one pair of images: (B, P, Q) per position pair, to be averaged.
-
-    Args:
-        f1, f2: (B, C, P) / (B, C, Q) backbone features at sampled positions (no gradient).
-        c1, c2: (B, dim, P) / (B, dim, Q) codes at the same positions.
-        shift: b; feature correspondences above it attract, below it repel.
-    """
-    with torch.no_grad():
-        fd = correlation(f1.float(), f2.float())
-        fd = fd - fd.mean(dim=2, keepdim=True)  # spatially centred over the second image
-    cd = correlation(c1, c2)
-    return -cd.clamp_min(0) * (fd - shift)
-
-
-def sample_points(x: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
-    """(B, C, h, w) maps read at (B, P, 2) coordinates in [-1, 1] (x, y), bilinear -> (B, C, P)."""
-    return F.grid_sample(x, coords[:, :, None], mode="bilinear", padding_mode="border", align_corners=True)[..., 0]
-
-
-def derangement(n: int, gen: torch.Generator) -> torch.Tensor:
-    """A random permutation of range(n) with no fixed point (n >= 2)."""
-    perm = torch.randperm(n, generator=gen)
-    fixed = perm == torch.arange(n)
-    return torch.where(fixed, (perm + 1) % n, perm) if fixed.any() else perm
-
-
-def correspondence_loss(
-    feats: torch.Tensor,
-    feats_knn: torch.Tensor,
-    codes: torch.Tensor,
-    codes_knn: torch.Tensor,
-    shifts: Sequence[float],
-    weights: Sequence[float],
-    gen: torch.Generator,
-    samples: int = 11,
-    rand_pairs: int = 5,
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """STEGO's correspondence-distillation loss of a batch.
-
-    Args:
-        feats, feats_knn: (B, C, h, w) backbone features of the images and of one k-NN of each.
-        codes, codes_knn: (B, dim, h, w) the head's codes of the same.
-        shifts: (b_self, b_knn, b_rand).
-        weights: (l_self, l_knn, l_rand).
-        gen: CPU generator for the sampled positions and the random pairs.
-        samples: positions per side (samples x samples per image, as STEGO's 11 x 11).
-        rand_pairs: random pairings of the batch, averaged (STEGO: 5).
-
-    Returns the weighted loss and its three parts (floats, for logging).
-    """
-    B = feats.shape[0]
-    dev = feats.device
-
-    def coords() -> torch.Tensor:
-        return (torch.rand(B, samples * samples, 2, generator=gen) * 2 - 1).to(dev)
-
-    p1, p2 = coords(), coords()
-    f, c = sample_points(feats, p1), sample_points(codes, p1)
-    fk, ck = sample_points(feats_knn, p2), sample_points(codes_knn, p2)
-    parts = {"self": pair_loss(f, f, c, c, shifts[0]).mean(), "knn": pair_loss(f, fk, c, ck, shifts[1]).mean()}
-    rand = []
-    for _ in range(rand_pairs if B > 1 else 0):
-        perm = derangement(B, gen).to(dev)
-        rand.append(pair_loss(f, fk[perm], c, ck[perm], shifts[2]).mean())
-    parts["rand"] = torch.stack(rand).mean() if rand else feats.new_zeros(())
-    total = weights[0] * parts["self"] + weights[1] * parts["knn"] + weights[2] * parts["rand"]
-    return total, {k: float(v.detach()) for k, v in parts.items()}
 
 
 # ----------------------------------------------------------------------------- neighbours

@@ -10,15 +10,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 import groupseg
-from groupseg.stego import (
-    MiniBatchKMeans,
-    StegoHead,
-    correspondence_loss,
-    derangement,
-    fit_cluster_probe,
-    knn_pairs,
-    pair_loss,
-)
+from groupseg.loss.correspondence import correspondence_loss, derangement, pair_loss
+from groupseg.stego import MiniBatchKMeans, StegoHead, fit_cluster_probe, knn_pairs
 from groupseg.training.selftrain import IGNORE, keep_thresholds, margins, pseudo_labels
 
 

@@ -9,7 +9,7 @@
    grow with the number of images), with one global feature per crop (mean token).
 2. Neighbours, once: the ``knn`` nearest crops of each crop by global feature, never a crop of
    the same photo.
-3. STEGO head: correspondence distillation (``groupseg.stego.correspondence_loss``) on batches of
+3. STEGO head: correspondence distillation (``groupseg.loss.correspondence_loss``) on batches of
    crops, each paired with itself, a random one of its neighbours and random other crops.
 4. Cluster probe: mini-batch cosine k-means of the codes of all crops (streamed).
 5. Self-training (PASS-style, ``groupseg.training.selftrain``; ``--self-train-rounds 0`` = off).

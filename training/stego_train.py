@@ -13,13 +13,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from groupseg.stego import (
-    MiniBatchKMeans,
-    StegoHead,
-    correspondence_loss,
-    features_from_tokens,
-    first_stage_tokens,
-)
+from groupseg.loss import correspondence_loss
+from groupseg.stego import MiniBatchKMeans, StegoHead, features_from_tokens, first_stage_tokens
 
 log = logging.getLogger("groupseg.discover")
 
