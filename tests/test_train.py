@@ -210,7 +210,7 @@ def test_train_help_lists_every_config_field_and_flags_override_the_file(capsys)
     assert "[int, default: 64]" in text and "[one of auto, fp32, bf16, fp16, default: 'auto']" in text
     assert "[float float, default: (0.9, 0.999)]" in text and "--lock-text, --no-lock-text" in text
     argv = ["train", "--config", "tiny-cpu", "--batch-size", "32", "--lock-text", "--betas", "0.8", "0.9", "--eps=1e-6"]
-    args, unknown = build_parser(argv).parse_known_args(argv)
+    args, unknown = build_parser("train").parse_known_args(argv)
     args.overrides = unknown
     cfg = config_from_args(args)
     tiny = load_config("tiny-cpu")
