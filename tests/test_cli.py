@@ -159,6 +159,15 @@ def test_one_installed_top_level_package(tmp_path):
     tool = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
     assert tool["packages"] and all(p == "groupseg" or p.startswith("groupseg.") for p in tool["packages"])
     assert all(k.startswith("groupseg.") for k in tool.get("package-dir", {}))
+    # every package folder of the source is listed, or a wheel would leave it out (an editable install hides that)
+    mapped = {"groupseg": ROOT / "groupseg", **{k: ROOT / v for k, v in tool["package-dir"].items()}}
+    on_disk = set()
+    for name, folder in mapped.items():
+        for init in folder.rglob("__init__.py"):
+            rel = init.parent.relative_to(folder).parts
+            if "__pycache__" not in rel:
+                on_disk.add(".".join((name, *rel)))
+    assert on_disk <= set(tool["packages"]), f"packages missing from pyproject: {sorted(on_disk - set(tool['packages']))}"
     for name in ("training", "eval"):  # outside the repository the generic names are not importable
         r = _python(f"import {name}", cwd=tmp_path)
         assert r.returncode != 0 and "ModuleNotFoundError" in r.stderr, f"'import {name}' works: {r.stdout}{r.stderr}"
