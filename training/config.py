@@ -115,7 +115,7 @@ class FinetuneConfig:
     warmup_epochs: float = 1.0
     short_side: int = 448  # images are resized to this short side (times a random scale) ...
     scale_range: tuple[float, float] = (0.75, 1.5)  # ... the random scale's range
-    color_jitter: float = 0.0  # photometric augmentation strength: brightness, contrast and saturation in [1 - s, 1 + s], hue +-s/8, blur half the time (0 = off)
+    color_jitter: float = 0.4  # photometric augmentation strength: brightness, contrast and saturation in [1 - s, 1 + s], hue +-s/8, blur half the time (0 = off; 0.4 chosen on a held-out sequence)
     crop_size: int = 256  # ... then randomly cropped to this square
     margin: float = 0.3  # triplet margin (Euclidean distance of centred, normalised features)
     patches_per_class: int = 32  # mix-match / similarity: patches sampled per class per batch
