@@ -4,6 +4,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 import groupseg
@@ -315,6 +316,24 @@ def test_hard_grouping_loss_is_the_argmax_segment_with_a_soft_gradient():
     assert not torch.allclose(soft, logp)  # the soft mixture differs ...
     logp[0, 1].sum().backward()
     assert raw.grad is not None and raw.grad.abs().sum() > 0  # ... and the assignment still learns (straight-through)
+
+
+@pytest.mark.parametrize("hard", [False, True])
+def test_pixel_log_probs_equal_upsampling_every_group_map(hard):
+    # the class maps are formed on the patch grid and then upsampled; upsampling each group's map
+    # first (the slow order) gives the same log-probabilities and the same gradients
+    torch.manual_seed(0)
+    logits = torch.randn(2, 6, 4, requires_grad=True)
+    raw = torch.randn(2, 6, 5, 7, requires_grad=True)
+    logp = L.pixel_log_probs(logits, raw.softmax(1), (20, 28), hard=hard)
+    groups = F.interpolate(L.patch_groups(raw.softmax(1), hard), size=(20, 28), mode="bilinear", align_corners=False)
+    ref = torch.einsum("bgc,bghw->bchw", logits.softmax(-1), groups).clamp_min(1e-8).log()
+    torch.testing.assert_close(logp, ref)
+    w = torch.randn_like(ref)
+    g_new = torch.autograd.grad((logp * w).sum(), (logits, raw))
+    g_ref = torch.autograd.grad((ref * w).sum(), (logits, raw))
+    for a, b in zip(g_new, g_ref):
+        torch.testing.assert_close(a, b)
 
 
 def test_tag_scores_pool_patches_so_empty_groups_cannot_explain_a_tag():

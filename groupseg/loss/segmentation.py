@@ -41,9 +41,13 @@ def pixel_log_probs(group_logits: torch.Tensor, grouping: torch.Tensor, size: tu
         size: output (H, W); the maps are upsampled bilinearly.
         hard: p(g | patch) is the one-hot argmax group (the segment inference gives the patch)
             in the forward pass, with the soft assignment's gradient (straight-through).
+
+    Both the upsampling and the sum over groups are linear, so the class probabilities are formed
+    on the patch grid and only the C class maps are upsampled, not the G group maps (the same
+    values, G / C times less upsampling work, which dominated the fine-tuning step).
     """
-    grouping = F.interpolate(patch_groups(grouping, hard), size=size, mode="bilinear", align_corners=False)
-    probs = torch.einsum("bgc,bghw->bchw", group_logits.float().softmax(-1), grouping)
+    probs = torch.einsum("bgc,bghw->bchw", group_logits.float().softmax(-1), patch_groups(grouping, hard).float())
+    probs = F.interpolate(probs, size=size, mode="bilinear", align_corners=False)
     return probs.clamp_min(1e-8).log()
 
 
