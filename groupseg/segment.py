@@ -161,7 +161,7 @@ class Segmenter:
         groupings: grouping stages that merge segments (``None`` = the model config's
             ``groupings``, by default all, as GroupViT; ``1`` = the first stage's finer segments,
             the later stages' blocks still run over them).
-        text_precision: precision of prompt encoding: ``auto`` (bf16 where the machine has it:
+        text_precision: precision of prompt encoding: ``auto`` (bf16 where the machine runs it faster:
             1,000 new words encode about twice as fast, cosine to fp32 > 0.999) or ``fp32``
             (``None`` = the protocol's: ``fp32`` for ``paper``, whose background rule hangs on the
             best segment of a crop and so on small score differences; ``auto`` for ``groupseg``).
