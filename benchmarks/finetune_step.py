@@ -52,10 +52,23 @@ def patched(module: str, name: str, fn):
         setattr(mod, name, old)
 
 
-# name -> (stage it affects, context manager factory)
+@contextlib.contextmanager
+def attention_path(ft, fused: bool):
+    from groupseg.layers.attention import set_fused_attn
+
+    set_fused_attn(ft.head, fused)
+    try:
+        yield
+    finally:
+        set_fused_attn(ft.head, None)
+
+
+# name -> (stage it affects, context manager factory given the fine-tuner)
 VARIANTS = {
     "upsample every group map (before 2026-11-30)": (
-        "per-pixel", lambda: patched("groupseg.training.finetune", "pixel_log_probs", _groups_first)),
+        "per-pixel", lambda ft: patched("groupseg.training.finetune", "pixel_log_probs", _groups_first)),
+    "plain-matmul attention (fp32 default before 2026-11-30)": ("per-pixel", lambda ft: attention_path(ft, False)),
+    "SDPA attention (the bf16 default is plain matmuls)": ("per-pixel", lambda ft: attention_path(ft, True)),
 }
 
 
@@ -126,7 +139,7 @@ def main() -> None:
             epoch = 0 if stage == "mix-and-match" else 1
             ours, theirs = [], []
             for _ in range(args.steps):  # alternating, after one warm-up step each
-                for times, c in ((ours, contextlib.nullcontext), (theirs, ctx)):
+                for times, c in ((ours, contextlib.nullcontext), (theirs, lambda: ctx(ft))):
                     with c():
                         if not times:
                             one_step(ft, opt, batch, epoch)

@@ -222,6 +222,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--optimizer", choices=["fused", "plain"], default="fused", help="AdamW for both implementations")
     p.add_argument("--memory-only", action="store_true", help="only the peak-memory part")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory part")
     p.add_argument("--compile", action="store_true",
                    help="also time groupseg under torch.compile (inductor; compile time printed, not in the step time)")
     p.add_argument("--optimizer-only", action="store_true", help="only the AdamW step: per-tensor loop vs foreach vs fused")
@@ -247,7 +248,8 @@ def main() -> None:
     print(machine_line() + f"; {args.optimizer} AdamW on both sides")
     for bf16 in (False, True):
         one_precision(args, hf, ours, compiled, px, ids, bf16)
-    peak_memory(args.batch, args.threads, args.optimizer)
+    if not args.no_memory:
+        peak_memory(args.batch, args.threads, args.optimizer)
     print("\nCUDA rows: not measured (no GPU in this run)")
 
 

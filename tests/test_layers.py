@@ -171,10 +171,13 @@ def test_attention_path_is_a_per_module_flag_and_both_paths_agree(monkeypatch):
     b.load_state_dict(a.state_dict())
     x = torch.randn(2, 7, 16)
     ref = a(x, causal=True)
-    assert calls == []  # default on CPU in fp32: plain matmuls
-    b.fused_attn = True
+    assert len(calls) == 1  # default on CPU in fp32: SDPA
+    b.fused_attn = False
     torch.testing.assert_close(b(x, causal=True), ref, atol=1e-5, rtol=1e-5)
-    assert len(calls) == 1 and a.fused_attn is None  # the other module kept its own path
+    assert len(calls) == 1 and a.fused_attn is None  # plain matmuls; the other module kept its own path
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        a(x)  # bf16 on CPU: plain matmuls by default
+    assert len(calls) == 1
     with torch.autocast("cpu", dtype=torch.float16):
         a(x)  # fp16 on CPU is not a matmul dtype: SDPA by default
     assert len(calls) == 2

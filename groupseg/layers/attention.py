@@ -7,16 +7,18 @@ from einops import rearrange
 from torch import nn
 
 # dtypes whose attention runs on CPU through plain matmuls when a module's ``fused_attn`` is None
-# (the default): a train step of the gvit-s config is 1.19x (bf16) and 1.04x (fp32) faster than
-# with the fused SDPA CPU kernel (benchmarks/RESULTS.md). Read-only: to compare paths, set the
-# modules' flag (``set_fused_attn``), not this.
-CPU_MATMUL_DTYPES: frozenset[torch.dtype] = frozenset({torch.bfloat16, torch.float32})
+# (the default): under bf16 autocast a train step of the gvit-s config is 1.05-1.19x faster than
+# with the fused SDPA CPU kernel. fp32 takes SDPA: 1.17x faster than plain matmuls on an Intel
+# Xeon (AVX-512) and 1.12x with its kernels held to AVX2, against 0.96x on the AMD EPYC of
+# 2026-11-24 (benchmarks/RESULTS.md). Read-only: to compare paths, set the modules' flag
+# (``set_fused_attn``), not this.
+CPU_MATMUL_DTYPES: frozenset[torch.dtype] = frozenset({torch.bfloat16})
 
 
 def default_fused_attn(device: torch.device, dtype: torch.dtype) -> bool:
     """The measured-faster path: plain matmuls on CPU for ``CPU_MATMUL_DTYPES``, fused SDPA elsewhere.
 
-    >>> default_fused_attn(torch.device("cpu"), torch.float32), default_fused_attn(torch.device("cuda"), torch.bfloat16)
+    >>> default_fused_attn(torch.device("cpu"), torch.bfloat16), default_fused_attn(torch.device("cpu"), torch.float32)
     (False, True)
     """
     return not (device.type == "cpu" and dtype in CPU_MATMUL_DTYPES)
