@@ -15,17 +15,22 @@ DILATIONS = (1, 2, 4, 8, 12, 24)
 OFFSETS = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0)]
 
 
-def _shifted(x: torch.Tensor, d: int, dy: int, dx: int) -> torch.Tensor:
-    """x (B, C, H, W) read at offset (dy * d, dx * d), borders replicated."""
+def _neighbours(x: torch.Tensor, dilations: Sequence[int]):
+    """Every (dy * d, dx * d) neighbour view of x (B, C, H, W), borders replicated, in (d, offset)
+    order: one padding by the largest dilation serves all (replicating by more than d reads the
+    same border values as replicating by d)."""
     H, W = x.shape[-2:]
-    xp = F.pad(x, (d, d, d, d), mode="replicate")
-    return xp[..., d + dy * d : d + dy * d + H, d + dx * d : d + dx * d + W]
+    m = max(dilations)
+    xp = F.pad(x, (m, m, m, m), mode="replicate")
+    for d in dilations:
+        for dy, dx in OFFSETS:
+            yield xp[..., m + dy * d : m + dy * d + H, m + dx * d : m + dx * d + W]
 
 
 @torch.no_grad()
 def pamr_affinity(image: torch.Tensor, dilations: Sequence[int] = DILATIONS) -> torch.Tensor:
     """(B, 3, H, W) image -> (B, K, H, W) neighbour weights (K = 8 per dilation), summing to 1 over K."""
-    nb = torch.stack([_shifted(image, d, dy, dx) for d in dilations for dy, dx in OFFSETS], 2)  # (B, 3, K, H, W)
+    nb = torch.stack(list(_neighbours(image, dilations)), 2)  # (B, 3, K, H, W)
     std = nb.std(dim=2, keepdim=True)
     aff = -((nb - image[:, :, None]).abs() / (1e-8 + 0.1 * std)).mean(1)  # (B, K, H, W)
     return aff.softmax(1)
@@ -53,10 +58,7 @@ def pamr(image: torch.Tensor, scores: torch.Tensor, iterations: int = 10, dilati
     x = scores.float()
     for _ in range(iterations):
         out = torch.zeros_like(x)
-        k = 0
-        for d in dilations:
-            for dy, dx in OFFSETS:
-                out.addcmul_(_shifted(x, d, dy, dx), aff[:, k : k + 1])
-                k += 1
+        for k, nb in enumerate(_neighbours(x, dilations)):
+            out.addcmul_(nb, aff[:, k : k + 1])
         x = out
     return x[0] if squeeze else x

@@ -45,3 +45,31 @@ def test_segmenter_and_eval_accept_pamr(tiny_weights, tmp_path):
     assert plain.label_map.shape == r.label_map.shape
     with pytest.raises(ValueError, match="unknown refinement"):
         groupseg.Segmenter.from_pretrained(tiny_weights, refine="crf")
+
+
+def test_pamr_equals_padding_each_dilation_on_its_own():
+    # the library pads once by the largest dilation; padding by each dilation (the plain reading of
+    # PAMR) must give the same neighbours, so the same refinement, including where the largest
+    # dilation reaches past the image (16 x 20 image, dilations up to 24)
+    import torch.nn.functional as F
+
+    from groupseg.refine import DILATIONS, OFFSETS
+
+    def reference(image, scores, iterations=10):
+        def shifted(x, d, dy, dx):
+            H, W = x.shape[-2:]
+            xp = F.pad(x, (d, d, d, d), mode="replicate")
+            return xp[..., d + dy * d : d + dy * d + H, d + dx * d : d + dx * d + W]
+
+        nb = torch.stack([shifted(image, d, dy, dx) for d in DILATIONS for dy, dx in OFFSETS], 2)
+        aff = (-((nb - image[:, :, None]).abs() / (1e-8 + 0.1 * nb.std(dim=2, keepdim=True))).mean(1)).softmax(1)
+        x = scores
+        for _ in range(iterations):
+            x = sum(shifted(x, d, dy, dx) * aff[:, k : k + 1]
+                    for k, (d, (dy, dx)) in enumerate((d, o) for d in DILATIONS for o in OFFSETS))
+        return x
+
+    g = torch.Generator().manual_seed(0)
+    image = torch.rand(2, 3, 16, 20, generator=g)
+    scores = torch.rand(2, 4, 16, 20, generator=g).softmax(1)
+    torch.testing.assert_close(pamr(image, scores), reference(image, scores), atol=1e-5, rtol=1e-5)
