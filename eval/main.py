@@ -57,7 +57,9 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--flip", action="store_true", help="groupseg protocol: average class scores with the mirrored image")
     p.add_argument("--groupings", type=int_range(1), default=None, metavar="N",
                    help="use only the first N grouping stages' segments (default: all; 1 = finer segments)")
-    p.add_argument("--pamr", action="store_true", help="groupseg protocol: refine boundaries onto image edges with PAMR (as TCL)")
+    p.add_argument("--pamr", action=argparse.BooleanOptionalAction, default=None,
+                   help="groupseg and unsupervised protocols: refine boundaries onto image edges with PAMR (as TCL); "
+                   "default: the weights' own (off, except the clusters of weights from groupseg discover)")
     p.add_argument("--scales", default=None, help="groupseg protocol: comma-separated short-side factors whose class scores are averaged, e.g. 0.75,1,1.25")
     p.add_argument("--limit", type=int_range(0), default=0, help="evaluate only the first N images (0 = all)")
     p.add_argument("--device", default="auto", help="torch device: auto (cuda when available, else cpu), cpu, cuda, cuda:N")
@@ -75,7 +77,7 @@ def make_segmenter(args, threshold: float = 0.0, protocol: str = "groupseg"):
     weights = resolve_weights(args.weights)
     seg = Segmenter.from_pretrained(weights, device=resolve_device(args.device), templates=args.templates,
                                     short_side=args.short_side or 448, window=args.window, top_k=args.top_k,
-                                    threshold=threshold, refine="pamr" if args.pamr else "", groupings=args.groupings,
+                                    threshold=threshold, refine={True: "pamr", False: "", None: None}[args.pamr], groupings=args.groupings,
                                     protocol="groupseg" if protocol == "unsupervised" else protocol)
     return seg, str(weights)
 
@@ -123,7 +125,10 @@ def run_eval(args: argparse.Namespace) -> int:
         from .unsupervised import evaluate_unsupervised
 
         cm, per_image = evaluate_unsupervised(seg, ds, samples, args)
-        used = {"protocol": protocol, "clusters": args.clusters or ds.num_classes}
+        from groupseg.stego import cluster_refinement
+
+        used = {"protocol": protocol, "clusters": args.clusters or ds.num_classes,
+                "refine": (cluster_refinement(seg) if getattr(seg.model, "stego", None) is not None else "") or "none"}
     else:
         cm, per_image = evaluate_zero_shot(seg, ds, samples[rank::world], vocab, args, threshold)
         source = "--vocab-file" if args.vocab_file else ("NVlabs' class names" if vocab is ds.paper_vocab else "groupseg's vocabulary")

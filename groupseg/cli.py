@@ -119,7 +119,9 @@ def add_segment_args(p: argparse.ArgumentParser) -> None:
                    help="sliding-window size in pixels (0 = whole image; default: the weights' own, else 0)")
     p.add_argument("--top-k", type=int_range(0), default=0, metavar="K",
                    help="keep only the image's k most likely classes (0 = all)")
-    p.add_argument("--pamr", action="store_true", help="refine segment boundaries onto image edges (PAMR, as TCL)")
+    p.add_argument("--pamr", action=argparse.BooleanOptionalAction, default=None,
+                   help="refine segment boundaries onto image edges (PAMR, as TCL); default: the weights' own "
+                   "(off, except clusters of weights from groupseg discover)")
     p.add_argument("--groupings", type=int_range(1), default=None, metavar="N",
                    help="use only the first N grouping stages' segments (default: all; 1 = finer segments)")
     p.add_argument("--clusters", type=int_range(1), default=None, metavar="K",
@@ -150,7 +152,7 @@ def run_segment(args: argparse.Namespace) -> int:
 
     seg = Segmenter.from_pretrained(
         args.weights, device=device, templates=args.templates, short_side=args.short_side,
-        window=args.window, top_k=args.top_k, threshold=args.threshold, refine="pamr" if args.pamr else "",
+        window=args.window, top_k=args.top_k, threshold=args.threshold, refine={True: "pamr", False: "", None: None}[args.pamr],
         groupings=args.groupings,
     )
     out = Path(args.out)

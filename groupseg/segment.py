@@ -166,7 +166,9 @@ class Segmenter:
             (``None`` = the protocol's: ``fp32`` for ``paper``, whose background rule hangs on the
             best segment of a crop and so on small score differences; ``auto`` for ``groupseg``).
         refine: ``"pamr"`` moves segment boundaries onto image edges (``groupseg.refine.pamr``,
-            as TCL does at test time; ``groupseg`` protocol); ``""`` = off.
+            as TCL does at test time; ``groupseg`` protocol); ``""`` = off; ``None`` = the weights'
+            own: off for words, and for clusters of a STEGO head what ``groupseg discover`` recorded
+            (``groupseg.stego.cluster_refinement``).
         protocol: ``"groupseg"`` or ``"paper"`` (see the module docstring).
         stride: window step in pixels (``None``: ``paper`` 224, ``groupseg`` two thirds of the window).
         scale: ``paper`` protocol: the keep-ratio resize bounds (long side, short side).
@@ -187,7 +189,7 @@ class Segmenter:
         device: str | torch.device | None = "auto",
         weights_dir: str | Path | None = None,
         tokenizer=None,
-        refine: str = "",
+        refine: str | None = None,
         text_precision: str | None = None,
         groupings: int | None = None,
         protocol: str = "groupseg",
@@ -203,7 +205,7 @@ class Segmenter:
 
         device = resolve_device(device)
         self.text_precision = resolve_precision(text_precision or ("fp32" if paper else "auto"), device)
-        if refine not in ("", "pamr"):
+        if refine not in (None, "", "pamr"):
             raise ValueError(f"unknown refinement {refine!r}; expected 'pamr' or ''")
         if refine and paper:
             raise ValueError("refinement (PAMR) applies to the groupseg protocol, not the paper's")

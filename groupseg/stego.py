@@ -297,6 +297,14 @@ def cluster_scores(codes: torch.Tensor, centres: torch.Tensor, size: tuple[int, 
     return F.interpolate(scores, size=size, mode="bilinear", align_corners=False)
 
 
+def cluster_refinement(segmenter) -> str:
+    """The refinement of cluster maps: the segmenter's when set, else the one the STEGO head's weights
+    record (``groupseg discover --refine``, PAMR by default; weights from before 2026-11-30: none)."""
+    if segmenter.refine is not None:
+        return segmenter.refine
+    return (segmenter.model.cfg.stego or {}).get("refine", "")
+
+
 def _pixels(segmenter, image):
     from .transforms import load_image, target_size, to_tensor
 
@@ -309,13 +317,13 @@ def _pixels(segmenter, image):
 @torch.no_grad()
 def stego_label_map(segmenter, image, centres: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
     """(H, W) cluster id per pixel at the image's own size: nearest centre of the upsampled codes,
-    refined by PAMR when the segmenter refines (``refine="pamr"``)."""
+    refined by PAMR as ``cluster_refinement`` says."""
     from .transforms import resize_nearest
 
     img, px = _pixels(segmenter, image)
     codes, _ = dense_codes(segmenter.model, px)
     scores = cluster_scores(codes, centres, tuple(px.shape[-2:]))
-    if segmenter.refine == "pamr":
+    if cluster_refinement(segmenter) == "pamr":
         from .refine import pamr
 
         scores = pamr(px, (scores / temperature).softmax(1))
@@ -341,7 +349,7 @@ def stego_centres(segmenter, images, k: int, seed: int = 0) -> torch.Tensor:
 def stego_segment(segmenter, image, k: int, vocab=None, *, seed: int = 0):
     """``cluster_segment`` for weights with a STEGO head: the stored centres when the head keeps
     ``k`` of them (named by their stored joint-space directions), else k-means of this image's
-    codes (named by the mean joint-space feature of each cluster); PAMR when the segmenter refines.
+    codes (named by the mean joint-space feature of each cluster); PAMR as ``cluster_refinement`` says.
     Returns a ``SegmentationResult``, largest cluster first."""
     import time
 
@@ -366,7 +374,7 @@ def stego_segment(segmenter, image, k: int, vocab=None, *, seed: int = 0):
         centres, assign = kmeans(flat, k, seed=seed)
         embeds = torch.zeros(k, joint.shape[1], device=flat.device).index_add_(0, assign, joint[0].flatten(1).T)
     scores = cluster_scores(codes, centres, tuple(px.shape[-2:]))[0]
-    if segmenter.refine == "pamr":
+    if cluster_refinement(segmenter) == "pamr":
         from .refine import pamr
 
         scores = pamr(px[0], (scores / 0.1).softmax(0))

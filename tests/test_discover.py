@@ -175,9 +175,9 @@ def test_pseudo_labels_never_include_unsure_pixels():
     g = torch.Generator().manual_seed(0)
     centres = F.normalize(torch.randn(4, 8, generator=g), dim=-1)
     codes = F.normalize(torch.randn(5000, 8, generator=g), dim=-1)
-    thr = keep_thresholds([codes[i : i + 500] for i in range(0, 5000, 500)], centres, keep=0.4)
-    lab = pseudo_labels(codes, centres, thr)
+    thr = keep_thresholds([margins(codes[i : i + 500], centres) for i in range(0, 5000, 500)], 4, keep=0.4)
     nearest, m = margins(codes, centres)
+    lab = pseudo_labels(nearest, m, thr)
     unsure = m < thr[nearest]
     assert unsure.any() and (~unsure).any()
     assert (lab[unsure] == IGNORE).all()
@@ -282,3 +282,37 @@ def test_discovered_weights_drive_segment_and_the_unsupervised_eval(tiny_weights
                "--clusters", "3", "--short-side", "64", "--templates", "simple", "--device", "cpu", "--pamr", "--out", str(res_json)])
     r = json.loads(res_json.read_text())
     assert rc == 0 and r["protocol"] == "unsupervised" and r["num_images"] == 3 and 0 <= r["pixel_acc"] <= 1
+    # the weights' own refinement (discover records PAMR by default) unless --pamr / --no-pamr says otherwise
+    assert groupseg.load_model(out).cfg.stego["refine"] == "pamr" and r["settings"]["refine"] == "pamr"
+    base = ["eval", "--dataset", "camvid", "--data-root", str(root), "--weights", str(out), "--protocol", "unsupervised",
+            "--clusters", "3", "--short-side", "64", "--templates", "simple", "--device", "cpu", "--out", str(res_json)]
+    own = []
+    for extra, expect in (([], "pamr"), (["--no-pamr"], "none")):
+        assert main(base + extra) == 0
+        own.append(json.loads(res_json.read_text()))
+        assert own[-1]["settings"]["refine"] == expect
+    assert own[0]["pixel_acc"] == r["pixel_acc"]  # the default is exactly --pamr
+    from groupseg.stego import cluster_refinement
+
+    assert cluster_refinement(groupseg.Segmenter.from_pretrained(out, refine="")) == ""
+    assert cluster_refinement(groupseg.Segmenter.from_pretrained(tiny_weights)) == ""  # no head: nothing recorded
+
+
+def test_self_training_with_the_backbone_moves_it_and_resumes(tiny_weights, tmp_path, capsys):
+    photos = _photos(tmp_path / "photos")
+    out = tmp_path / "out"
+    args = ("--clusters", "3", "--self-train-backbone", "0.5", "--lr", "1e-2")
+    assert _discover(tiny_weights, photos, out, *args) == 0
+    before, after = groupseg.load_model(tiny_weights), groupseg.load_model(out)
+    moved = [n for n, p in after.visual.state_dict().items() if not torch.equal(p, before.visual.state_dict()[n])]
+    assert moved and all(not n.startswith("stages.2") for n in moved)  # only what the first stage's tokens reach
+    for a, b in zip(after.text_proj.parameters(), before.text_proj.parameters()):
+        assert torch.equal(a, b)  # the text side is never trained
+    assert (out / "checkpoints" / "self-train-1.pt").is_file() and (out / "cache-self-train-1" / "meta.json").is_file()
+    assert after.cfg.stego["kernel"] == 3
+    capsys.readouterr()
+    assert _discover(tiny_weights, photos, out, *args) == 0  # resumed: the finished round is restored, not redone
+    assert "self-training round 1 restored" in capsys.readouterr().out
+    again = groupseg.load_model(out)
+    for n, p in again.visual.state_dict().items():
+        assert torch.equal(p, after.visual.state_dict()[n]), n

@@ -76,6 +76,13 @@ def add_discover_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--self-train-steps", type=int_range(1), default=1000, help="head steps per self-training round")
     p.add_argument("--keep", type=float_range(0, 1, lo_open=True), default=0.5,
                    help="self-training: fraction of each cluster's pixels kept as pseudo labels (the surest)")
+    p.add_argument("--self-train-backbone", type=float_range(0), default=0.0, metavar="MULT",
+                   help="self-training: also fine-tune the backbone's first stage at MULT x --lr (0 = only the new head, on cached features)")
+    p.add_argument("--pseudo-refine", choices=["pamr", "none"], default="pamr",
+                   help="self-training: refine the teacher's pseudo labels onto image edges with PAMR before training on them")
+    p.add_argument("--refine", choices=["pamr", "none"], default="pamr",
+                   help="refinement the output weights apply to their cluster maps by default (segment --clusters, "
+                   "eval --protocol unsupervised; --pamr / --no-pamr there override it)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", choices=["auto", "none"], default="auto", help="auto: continue from OUT/checkpoints")
     p.add_argument("--checkpoint-every", type=int_range(1), default=500, help="steps between checkpoints")
@@ -171,8 +178,11 @@ def run_discover(args: argparse.Namespace) -> int:
     head.set_centres(centres, embeds)
     for r in range(args.self_train_rounds if args.dim else 0):
         head = self_train(model, head, cache, args, round_=r)
+        if args.self_train_backbone > 0:  # the backbone moved: its features afresh
+            cache = FeatureCache.build(model, paths, out / f"cache-self-train-{r + 1}", args.res, args.crop_ratio, device)
         head.set_centres(*fit_probe(model, head, cache, k, args.probe_epochs, args.seed, init=head.centres))
     timings["total"] = time.time() - t0
+    model.cfg.stego["refine"] = "" if args.refine == "none" else args.refine
     export(model, weights, out, args, timings)
     plot_code_space(model, head, cache, out / "code_space.png", seed=args.seed)
     print(f"discover: wrote {out}/config.json and model.safetensors (K={k}, {len(paths)} images, "

@@ -24,6 +24,17 @@ def five_crops(h: int, w: int, side: int) -> list[tuple[int, int]]:
     return [(0, 0), (0, w - side), (h - side, 0), (h - side, w - side), ((h - side) // 2, (w - side) // 2)]
 
 
+def crop_pixels(model, path, res: int, crop_ratio: float) -> torch.Tensor:
+    """(5, 3, res, res) normalised five crops of the image at ``path``, resized so its short side is
+    ``res / crop_ratio`` (the crops the feature cache holds, in its order)."""
+    from groupseg.transforms import load_image, target_size, to_tensor
+
+    img = load_image(path)
+    h, w = target_size(img.height, img.width, int(round(res / crop_ratio)), 1)
+    px = to_tensor(img, (h, w), model.cfg.image_mean, model.cfg.image_std)
+    return torch.stack([px[:, y : y + res, x : x + res] for y, x in five_crops(h, w, res)])
+
+
 class FeatureCache:
     """First-stage patch tokens of five crops per image, float16 in a file (memory-mapped).
 
@@ -47,11 +58,11 @@ class FeatureCache:
         """Compute (or reuse, when the images and settings match) the cache in ``directory``."""
         from tqdm import tqdm
 
-        from groupseg.transforms import load_image, target_size, to_tensor
-
         patch, width = model.cfg.vision.patch_size, model.visual.width
         meta = {"images": [str(p) for p in paths], "res": res, "crop_ratio": crop_ratio, "grid": res // patch,
-                "width": width, "items": 5 * len(paths)}
+                "width": width, "items": 5 * len(paths),
+                # which backbone computed them (self-training can move it): a checksum of its weights
+                "backbone": float(sum(p.detach().double().sum() for p in model.visual.parameters()))}
         directory.mkdir(parents=True, exist_ok=True)
         mfile = directory / "meta.json"
         if mfile.is_file() and json.loads(mfile.read_text()) == meta:
@@ -60,12 +71,8 @@ class FeatureCache:
         g = meta["grid"]
         tokens = np.memmap(directory / "tokens.f16", dtype=np.float16, mode="w+", shape=(meta["items"], g * g, width))
         glob = np.zeros((meta["items"], width), np.float32)
-        short = int(round(res / crop_ratio))
         for i, path in enumerate(tqdm(paths, desc="features", unit="img", dynamic_ncols=True)):
-            img = load_image(path)
-            h, w = target_size(img.height, img.width, short, 1)
-            px = to_tensor(img, (h, w), model.cfg.image_mean, model.cfg.image_std)
-            crops = torch.stack([px[:, y : y + res, x : x + res] for y, x in five_crops(h, w, res)])
+            crops = crop_pixels(model, path, res, crop_ratio)
             with torch.no_grad():
                 t, _ = first_stage_tokens(model, crops.to(model.logit_scale.device))  # (5, g*g, width)
             tokens[5 * i : 5 * i + 5] = t.cpu().numpy().astype(np.float16)
