@@ -215,7 +215,7 @@ def test_discover_output_loads_with_load_model(tiny_weights, tmp_path):
     assert torch.allclose(model.stego.centres.norm(dim=1), torch.ones(3), atol=1e-5)  # fitted, not the zero init
     assert (tmp_path / "out" / "checkpoints" / "head.pt").is_file()
     record = json.loads((tmp_path / "out" / "discover.json").read_text())
-    assert record["args"]["clusters"] == 3
+    assert record["config"]["clusters"] == 3
     from groupseg.stego import code_map
 
     codes = code_map(model, torch.zeros(1, 3, 32, 48))
@@ -230,6 +230,8 @@ def test_discover_bad_input_is_one_line(tiny_weights, tmp_path, capsys):
         (["--clusters", "1"], "--clusters must be at least 2"),
         (["--clusters", "100000"], "K=100000 clusters but the training crops have only"),
         ([], "--clusters K is needed"),
+        (["--keep", "0"], "--keep must be in (0, 1]"),
+        (["--shifts", "0.1", "0.2"], "--shifts: expected 3 arguments"),
     ]
     for extra, msg in cases:
         args = [a for a in extra if a]
@@ -238,7 +240,10 @@ def test_discover_bad_input_is_one_line(tiny_weights, tmp_path, capsys):
 
             code = main(["discover", *args, "--weights", str(tiny_weights), "--out", str(tmp_path / "o"), "--device", "cpu"])
         else:
-            code = _discover(tiny_weights, photos, tmp_path / "o", *args)
+            try:
+                code = _discover(tiny_weights, photos, tmp_path / "o", *args)
+            except SystemExit as e:  # argparse's own errors (one line with groupseg's parser)
+                code = e.code
         err = capsys.readouterr().err.strip()
         assert code == 2 and msg in err and len(err.splitlines()) == 1, (extra, err)
     # a backbone without first-stage grouping has no such feature

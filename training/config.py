@@ -1,4 +1,4 @@
-"""``TrainConfig`` and ``FinetuneConfig``: dataclasses set by YAML files / defaults, overridden by
+"""``TrainConfig``, ``FinetuneConfig`` and ``DiscoverConfig``: dataclasses set by YAML files / defaults, overridden by
 command-line flags generated from their fields (``groupseg.dataclass_cli``). The comment after a
 field is its ``--help`` text."""
 from __future__ import annotations
@@ -155,6 +155,72 @@ class FinetuneConfig:
             raise ValueError(f"--lr must be > 0 and --backbone-lr-mult >= 0, got {self.lr} and {self.backbone_lr_mult}")
         for name in ("weak_loss", "objective", "class_weights", "grouping_loss", "precision"):
             allowed = typing.get_args(typing.get_type_hints(FinetuneConfig)[name])
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class DiscoverConfig:
+    """``groupseg discover``: a STEGO head over the frozen backbone, then PASS-style self-training."""
+    dataset: str = ""  # a dataset groupseg eval reads (camvid, voc, ...); its labels are never read
+    images_dir: str = ""  # or a plain folder of photos instead of a dataset
+    data_root: str = ""  # folder the dataset was unpacked into (with --dataset)
+    split: str = "train"  # split whose images are used
+    out: str = _required("output directory: groupseg weights + cache/ + checkpoints/")
+    weights: str = ""  # backbone weights ("" = the shipped model)
+    cache: str = ""  # feature cache folder ("" = OUT/cache; runs with the same images and crops share it)
+    clusters: int = 0  # K, clusters kept with the weights (0 = the dataset's number of classes)
+    feature: Literal["tokens", "joint", "both"] = "tokens"  # dense backbone feature: first-stage patch tokens, their joint-space projection, or both
+    dim: int = 70  # code channels (0 = no head: k-means on the features)
+    res: int = 224  # crop side in pixels (a multiple of the patch size)
+    crop_ratio: float = 0.5  # crop side / image short side (five-crop)
+    knn: int = 7  # neighbours per crop
+    steps: int = 1500  # head training steps
+    batch_size: int = 16
+    lr: float = 5e-4
+    shifts: tuple[float, float, float] = (0.18, 0.12, 0.46)  # b_self b_knn b_rand (STEGO's shifts)
+    loss_weights: tuple[float, float, float] = (0.67, 0.25, 0.63)  # l_self l_knn l_rand (STEGO's weights)
+    samples: int = 11  # sampled positions per side per crop
+    rand_pairs: int = 5  # random pairings per batch
+    probe_epochs: int = 2  # passes of the mini-batch k-means
+    self_train_rounds: int = 1  # PASS-style rounds: pseudo labels -> a new head -> re-cluster (0 = off)
+    self_train_steps: int = 1000  # head steps per self-training round
+    keep: float = 0.5  # self-training: fraction of each cluster's pixels kept as pseudo labels (the surest)
+    self_train_backbone: float = 0.0  # self-training: also fine-tune the backbone's first stage at this multiple of --lr (0 = only the new head, on cached features)
+    pseudo_refine: Literal["pamr", "none"] = "pamr"  # self-training: refine the teacher's pseudo labels onto image edges with PAMR before training on them
+    refine: Literal["pamr", "none"] = "pamr"  # refinement the output weights apply to their cluster maps by default (segment / eval: --pamr, --no-pamr override it)
+    seed: int = 0
+    resume: Literal["auto", "none"] = "auto"  # auto = continue from OUT/checkpoints
+    checkpoint_every: int = 500  # steps between checkpoints
+    device: str = "auto"  # torch device (auto = cuda when visible, else cpu)
+    limit: int = 0  # use only the first N images (0 = all)
+
+    def __post_init__(self) -> None:
+        """Range checks, once, before any work: each a one-line ``ValueError`` naming the option."""
+        self.shifts, self.loss_weights = tuple(self.shifts), tuple(self.loss_weights)
+        if bool(self.dataset) == bool(self.images_dir):
+            raise ValueError("give one of --dataset NAME (with --data-root) or --images-dir DIR")
+        if self.dataset and not self.data_root:
+            raise ValueError("--dataset needs --data-root")
+        if self.clusters == 1 or self.clusters < 0:
+            raise ValueError(f"--clusters must be at least 2 (got {self.clusters})")
+        for name, lo in (("dim", 0), ("res", 32), ("knn", 1), ("steps", 0), ("batch_size", 2), ("samples", 2),
+                         ("rand_pairs", 0), ("probe_epochs", 1), ("self_train_rounds", 0), ("self_train_steps", 1),
+                         ("checkpoint_every", 1), ("limit", 0)):
+            if getattr(self, name) < lo:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= {lo}, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ValueError(f"--lr must be > 0, got {self.lr}")
+        if not self.self_train_backbone >= 0:
+            raise ValueError(f"--self-train-backbone must be >= 0, got {self.self_train_backbone}")
+        for name in ("crop_ratio", "keep"):
+            if not 0 < getattr(self, name) <= 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be in (0, 1], got {getattr(self, name)}")
+        for name in ("feature", "pseudo_refine", "refine", "resume"):
+            allowed = typing.get_args(typing.get_type_hints(DiscoverConfig)[name])
             if getattr(self, name) not in allowed:
                 raise ValueError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
 

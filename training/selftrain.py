@@ -15,8 +15,8 @@ The teacher's labels are fixed for the round, so the student cannot drift toward
 """
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -24,6 +24,9 @@ import torch
 import torch.nn.functional as F
 
 from groupseg.stego import StegoHead, cluster_scores
+
+if TYPE_CHECKING:
+    from .config import DiscoverConfig
 
 IGNORE = -1
 BINS = 400  # margin histogram over [0, 2]
@@ -88,26 +91,26 @@ def teacher_targets(model, teacher: StegoHead, cache, directory: Path, refine: s
     return labels, marg
 
 
-def self_train(model, head: StegoHead, cache, args: argparse.Namespace, round_: int = 0, tau: float = 0.1) -> StegoHead:
+def self_train(model, head: StegoHead, cache, cfg: DiscoverConfig, round_: int = 0, tau: float = 0.1) -> StegoHead:
     """One round: pseudo labels of ``head`` (the teacher), a new 3 x 3 head trained on them (with the
-    backbone's first stage when ``args.self_train_backbone > 0``, as PASS fine-tunes its network),
+    backbone's first stage when ``cfg.self_train_backbone > 0``, as PASS fine-tunes its network),
     returned and recorded in ``model.cfg.stego``; the caller re-clusters its codes (on features
     computed afresh when the backbone moved). A finished round is checkpointed and not redone on resume."""
     teacher, centres = head.eval(), head.centres.clone()
     student = StegoHead(head.in_dim, head.dim, centres.shape[0], model.cfg.embed_dim, kernel=3).to(centres.device)
-    ckpt = Path(args.out) / "checkpoints" / f"self-train-{round_ + 1}.pt"
-    if args.resume == "auto" and ckpt.is_file():
+    ckpt = Path(cfg.out) / "checkpoints" / f"self-train-{round_ + 1}.pt"
+    if cfg.resume == "auto" and ckpt.is_file():
         state = torch.load(ckpt, map_location=centres.device, weights_only=False)
         student.load_state_dict(state["student"])
         model.visual.load_state_dict(state["visual"])
         print(f"discover: self-training round {round_ + 1} restored from {ckpt}")
     else:
-        labels, marg = teacher_targets(model, teacher, cache, Path(args.out) / "pseudo", args.pseudo_refine, tau)
+        labels, marg = teacher_targets(model, teacher, cache, Path(cfg.out) / "pseudo", cfg.pseudo_refine, tau)
         chunks = (slice(s, s + 256) for s in range(0, len(cache), 256))
-        thresholds = keep_thresholds(((labels[c], marg[c]) for c in chunks), centres.shape[0], args.keep)
-        gen = torch.Generator().manual_seed(args.seed + 1000 + round_)
-        torch.manual_seed(args.seed + 1000 + round_)
-        fit_student(model, student, cache, (labels, marg, thresholds), centres, args, gen, round_, tau)
+        thresholds = keep_thresholds(((labels[c], marg[c]) for c in chunks), centres.shape[0], cfg.keep)
+        gen = torch.Generator().manual_seed(cfg.seed + 1000 + round_)
+        torch.manual_seed(cfg.seed + 1000 + round_)
+        fit_student(model, student, cache, (labels, marg, thresholds), centres, cfg, gen, round_, tau)
         ckpt.parent.mkdir(parents=True, exist_ok=True)
         torch.save({"student": student.state_dict(), "visual": model.visual.state_dict()}, ckpt.with_suffix(".tmp"))
         ckpt.with_suffix(".tmp").replace(ckpt)
@@ -131,11 +134,11 @@ def _crop_batch(model, cache, items: np.ndarray) -> torch.Tensor:
     return torch.stack([images[int(it) // 5][int(it) % 5] for it in items])
 
 
-def fit_student(model, student: StegoHead, cache, targets, centres: torch.Tensor, args, gen: torch.Generator,
+def fit_student(model, student: StegoHead, cache, targets, centres: torch.Tensor, cfg, gen: torch.Generator,
                 round_: int, tau: float) -> None:
     """Cross-entropy of the student's cosine logits to the fixed centres against the kept pseudo
-    labels. With ``args.self_train_backbone > 0`` the backbone's first stage learns too, at that
-    multiple of ``args.lr``, on crops decoded afresh (a few photos, all five crops, per batch);
+    labels. With ``cfg.self_train_backbone > 0`` the backbone's first stage learns too, at that
+    multiple of ``cfg.lr``, on crops decoded afresh (a few photos, all five crops, per batch);
     otherwise the student reads the feature cache."""
     from tqdm import tqdm
 
@@ -143,14 +146,14 @@ def fit_student(model, student: StegoHead, cache, targets, centres: torch.Tensor
 
     labels, marg, thresholds = targets
     side, feature, device = labels.shape[-1], model.cfg.stego["feature"], centres.device
-    backbone = args.self_train_backbone > 0
-    groups = [{"params": list(student.parameters()), "lr": args.lr}]
+    backbone = cfg.self_train_backbone > 0
+    groups = [{"params": list(student.parameters()), "lr": cfg.lr}]
     if backbone:
         model.visual.requires_grad_(True)
-        groups.append({"params": list(model.visual.parameters()), "lr": args.lr * args.self_train_backbone})
+        groups.append({"params": list(model.visual.parameters()), "lr": cfg.lr * cfg.self_train_backbone})
     opt = torch.optim.Adam(groups)
-    n_img = max(1, args.batch_size // 5)
-    bar = tqdm(range(args.self_train_steps), desc=f"self-train {round_ + 1}", unit="step", dynamic_ncols=True)
+    n_img = max(1, cfg.batch_size // 5)
+    bar = tqdm(range(cfg.self_train_steps), desc=f"self-train {round_ + 1}", unit="step", dynamic_ncols=True)
     try:
         for step in bar:
             if backbone:  # a few photos, all their crops
@@ -159,7 +162,7 @@ def fit_student(model, student: StegoHead, cache, targets, centres: torch.Tensor
                 tokens, (h, w) = first_stage_tokens(model, _crop_batch(model, cache, idx).to(device))
                 f = features_from_tokens(model, tokens, feature).transpose(1, 2).reshape(len(idx), -1, h, w)
             else:
-                idx = np.sort(torch.randint(len(cache), (args.batch_size,), generator=gen).numpy())
+                idx = np.sort(torch.randint(len(cache), (cfg.batch_size,), generator=gen).numpy())
                 f = cache.features(model, idx, feature)  # (B, C, g, g)
             target = pseudo_labels(torch.from_numpy(labels[idx]), torch.from_numpy(marg[idx]), thresholds).to(device)
             if torch.rand((), generator=gen) < 0.5:  # mirrored crops: the same labels, mirrored

@@ -2,12 +2,11 @@
 loop (seeded, checkpointed, resumable) and the streamed cluster probe."""
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import time
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -15,6 +14,9 @@ import torch.nn.functional as F
 
 from groupseg.loss import correspondence_loss
 from groupseg.stego import MiniBatchKMeans, StegoHead, features_from_tokens, first_stage_tokens
+
+if TYPE_CHECKING:
+    from .config import DiscoverConfig
 
 log = logging.getLogger("groupseg.discover")
 
@@ -123,31 +125,29 @@ def _load(path: Path, head: StegoHead, opt, gen: torch.Generator, tag: str) -> i
     return int(state["step"])
 
 
-def train_head(model, head: StegoHead, cache: FeatureCache, neighbours: torch.Tensor, args: argparse.Namespace,
+def train_head(model, head: StegoHead, cache: FeatureCache, neighbours: torch.Tensor, cfg: DiscoverConfig,
                ckpt_dir: Path) -> None:
     """Correspondence distillation of the head on crops paired with themselves, neighbours and random crops."""
     from tqdm import tqdm
 
-    from .discover import _floats
-
-    shifts, weights = _floats(args.shifts, 3, "--shifts"), _floats(args.loss_weights, 3, "--loss-weights")
-    gen = torch.Generator().manual_seed(args.seed)
-    opt = torch.optim.Adam(head.parameters(), lr=args.lr)
+    shifts, weights = list(cfg.shifts), list(cfg.loss_weights)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    opt = torch.optim.Adam(head.parameters(), lr=cfg.lr)
     ckpt = ckpt_dir / "head.pt"
-    start = _load(ckpt, head, opt, gen, "stego") if args.resume == "auto" else 0
+    start = _load(ckpt, head, opt, gen, "stego") if cfg.resume == "auto" else 0
     head.train()
-    bar = tqdm(range(start, args.steps), desc="stego head", unit="step", initial=start, total=args.steps, dynamic_ncols=True)
+    bar = tqdm(range(start, cfg.steps), desc="stego head", unit="step", initial=start, total=cfg.steps, dynamic_ncols=True)
     for step in bar:
-        idx = torch.randint(len(cache), (args.batch_size,), generator=gen)
-        nb = neighbours[idx, torch.randint(neighbours.shape[1], (args.batch_size,), generator=gen)]
-        f, fk = cache.features(model, idx, args.feature), cache.features(model, nb, args.feature)
-        loss, parts = correspondence_loss(f, fk, head(f), head(fk), shifts, weights, gen, args.samples, args.rand_pairs)
+        idx = torch.randint(len(cache), (cfg.batch_size,), generator=gen)
+        nb = neighbours[idx, torch.randint(neighbours.shape[1], (cfg.batch_size,), generator=gen)]
+        f, fk = cache.features(model, idx, cfg.feature), cache.features(model, nb, cfg.feature)
+        loss, parts = correspondence_loss(f, fk, head(f), head(fk), shifts, weights, gen, cfg.samples, cfg.rand_pairs)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         if step % 20 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}", **{f"l_{k}": f"{v:.4f}" for k, v in parts.items()})
-        if (step + 1) % args.checkpoint_every == 0 or step + 1 == args.steps:
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
             _save(ckpt, head, opt, step + 1, gen, "stego")
     head.eval()
 
