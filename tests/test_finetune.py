@@ -558,3 +558,37 @@ def test_patch_tokens_come_from_the_model_api(tiny_weights, tmp_path):
     root = make_camvid_train(tmp_path / "camvid")
     ft = FT.Finetuner(cfg_for(tmp_path, tiny_weights, root))
     assert not any(m._forward_hooks for m in ft.head.modules())  # the head reaches into nothing
+
+
+def test_crops_equal_resizing_the_whole_image_then_cropping(tiny_weights, tmp_path):
+    # the loader resamples only the crop's box of the photo; the reference resizes the whole photo
+    # to the random scale, then crops (the same draws of the crop's generator)
+    root = make_camvid_train(tmp_path / "camvid", n=3, h=60, w=90)
+    cfg = cfg_for(tmp_path, tiny_weights, root, short_side=48, scale_range=(0.8, 1.6), color_jitter=0.0)
+    ft = FT.Finetuner(cfg)
+    mean, std = torch.tensor(ft.data.mean).view(3, 1, 1), torch.tensor(ft.data.std).view(3, 1, 1)
+    for epoch in range(3):
+        ft.data.epoch = epoch
+        for i in range(len(ft.data)):
+            sample = ft.data.ds.samples[ft.data.indices[i]]
+            img = Image.open(sample.image).convert("RGB")
+            lab = Image.fromarray(FD.vocab_targets(ft.data.ds, sample).astype(np.uint8))
+            rng = np.random.default_rng([cfg.seed, epoch, ft.data.indices[i]])
+            s = cfg.short_side * rng.uniform(*cfg.scale_range) / min(img.size)
+            w, h = round(img.width * s), round(img.height * s)
+            y, x = int(rng.integers(0, h - 32 + 1)), int(rng.integers(0, w - 32 + 1))
+            px = torch.from_numpy(np.asarray(img.resize((w, h), Image.BILINEAR))).permute(2, 0, 1)[:, y : y + 32, x : x + 32]
+            t = torch.from_numpy(np.asarray(lab.resize((w, h), Image.NEAREST)).astype(np.int64))[y : y + 32, x : x + 32]
+            flipped = rng.random() < 0.5
+            if flipped:
+                px, t = px.flip(-1), t.flip(-1)
+            item = ft.data[i]
+            # nearest neighbour: equal, except where a pixel centre falls exactly on a source pixel edge
+            centre = [(np.arange(32) + o + 0.5) * n / m for o, n, m in ((y, img.height, h), (x, img.width, w))]
+            clear = [np.abs(c - np.round(c)) > 1e-6 for c in centre]
+            exact = torch.from_numpy(clear[0][:, None] & clear[1][None, :])
+            exact = exact.flip(-1) if flipped else exact
+            assert exact.float().mean() > 0.8 and torch.equal(item["target"][exact], t[exact])
+            got = (item["pixels"] * std + mean) * 255  # back to 0..255
+            diff = (got - px.float()).abs()  # the same filter taps; fixed-point rounding differs by a level or two
+            assert diff.max() <= 2.01 and diff.mean() < 0.25

@@ -126,7 +126,7 @@ class FinetuneConfig:
     sim_weight: float = 0.5  # weight of the weak-shot pixel-pair similarity terms
     templates: str = DEFAULT_TEMPLATES  # prompt templates for the initial classifier
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto = bf16 where the hardware runs it faster than fp32 (measured on CPUs)
-    workers: int = 1
+    workers: int = -1  # data-loading processes (-1 = auto: one where the CPU has a core beyond torch's threads, else none, as a worker on a fully used 2-core CPU slows every step by ~7 %)
     keep_last: int = 2  # checkpoints kept
     resume: str = ""  # "auto" = continue from the latest valid checkpoint in OUT/checkpoints, or a checkpoint directory
     log_every: int = 10
@@ -145,7 +145,9 @@ class FinetuneConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {float(getattr(self, name))}")
         if not 0 < self.tag_topk <= 1:
             raise ValueError(f"--tag-topk must be in (0, 1], got {self.tag_topk}")
-        for name in ("epochs", "min_steps", "mix_match_epochs", "groupings", "keep_last", "workers"):
+        if self.workers < -1:
+            raise ValueError(f"--workers must be >= 0 or -1 (auto), got {self.workers}")
+        for name in ("epochs", "min_steps", "mix_match_epochs", "groupings", "keep_last"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         for name in ("batch_size", "crop_size", "short_side", "log_every", "patches_per_class"):
@@ -191,6 +193,7 @@ class DiscoverConfig:
     keep: float = 0.5  # self-training: fraction of each cluster's pixels kept as pseudo labels (the surest)
     self_train_backbone: float = 0.0  # self-training: also fine-tune the backbone's first stage at this multiple of --lr (0 = only the new head, on cached features)
     pseudo_refine: Literal["pamr", "none"] = "pamr"  # self-training: refine the teacher's pseudo labels onto image edges with PAMR before training on them
+    pseudo_flip: bool = False  # self-training: average the teacher's probabilities over each crop and its mirror image
     refine: Literal["pamr", "none"] = "pamr"  # refinement the output weights apply to their cluster maps by default (segment / eval: --pamr, --no-pamr override it)
     seed: int = 0
     resume: Literal["auto", "none"] = "auto"  # auto = continue from OUT/checkpoints

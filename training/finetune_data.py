@@ -133,18 +133,21 @@ class LabelledImages(torch.utils.data.Dataset):
         rng = np.random.default_rng([cfg.seed, self.epoch, self.indices[i]])
         s = cfg.short_side * rng.uniform(*cfg.scale_range) / min(img.size)
         w, h = max(1, round(img.width * s)), max(1, round(img.height * s))
-        img = img.resize((w, h), Image.BILINEAR)
-        lab = Image.fromarray(full.astype(np.uint8)).resize((w, h), Image.NEAREST)
-        px = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
-        t = torch.from_numpy(np.asarray(lab, dtype=np.uint8).astype(np.int64))
-        S = cfg.crop_size
-        ph, pw = max(0, S - h), max(0, S - w)
-        if ph or pw:  # pad small images: zeros (mean after normalising) / ignore
-            px = F.pad(px, (0, pw, 0, ph))
-            t = F.pad(t, (0, pw, 0, ph), value=IGNORE)
-        y = int(rng.integers(0, px.shape[1] - S + 1))
-        x = int(rng.integers(0, px.shape[2] - S + 1))
-        px, t = px[:, y : y + S, x : x + S], t[y : y + S, x : x + S]
+        lab, S = Image.fromarray(full.astype(np.uint8)), cfg.crop_size
+        if w >= S and h >= S:  # the crop of the image resized to (w, h), resampling only the crop
+            y, x = int(rng.integers(0, h - S + 1)), int(rng.integers(0, w - S + 1))
+            sx, sy = img.width / w, img.height / h
+            box = (x * sx, y * sy, (x + S) * sx, (y + S) * sy)
+            img, lab = img.resize((S, S), Image.BILINEAR, box=box), lab.resize((S, S), Image.NEAREST, box=box)
+            px = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+            t = torch.from_numpy(np.asarray(lab, dtype=np.uint8).astype(np.int64))
+        else:  # pad small images: zeros (mean after normalising) / ignore, then crop
+            px = torch.from_numpy(np.asarray(img.resize((w, h), Image.BILINEAR), dtype=np.uint8).copy()).permute(2, 0, 1)
+            t = torch.from_numpy(np.asarray(lab.resize((w, h), Image.NEAREST), dtype=np.uint8).astype(np.int64))
+            px, t = F.pad(px, (0, max(0, S - w), 0, max(0, S - h))), F.pad(t, (0, max(0, S - w), 0, max(0, S - h)), value=IGNORE)
+            y = int(rng.integers(0, px.shape[1] - S + 1))
+            x = int(rng.integers(0, px.shape[2] - S + 1))
+            px, t = px[:, y : y + S, x : x + S], t[y : y + S, x : x + S]
         if rng.random() < 0.5:
             px, t = px.flip(-1), t.flip(-1)
         if cfg.color_jitter > 0:
