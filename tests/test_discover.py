@@ -321,3 +321,31 @@ def test_self_training_with_the_backbone_moves_it_and_resumes(tiny_weights, tmp_
     again = groupseg.load_model(out)
     for n, p in again.visual.state_dict().items():
         assert torch.equal(p, after.visual.state_dict()[n]), n
+
+
+def test_flipped_teacher_labels_average_each_crop_with_its_mirror_image(tiny_weights, tmp_path):
+    from groupseg.stego import cluster_scores, dense_codes
+    from groupseg.training.selftrain import UPSAMPLE, teacher_targets
+    from groupseg.training.stego_train import FeatureCache, crop_pixels
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    rng = np.random.default_rng(3)
+    for i in range(4):  # left and right differ, so a mirror image that is not mirrored back would show
+        a = np.repeat(np.repeat(rng.integers(0, 255, (6, 8, 3), dtype=np.uint8), 8, 0), 8, 1)
+        Image.fromarray(a).save(photos / f"p{i}.png")
+    out = tmp_path / "out"
+    assert _discover(tiny_weights, photos, out, "--clusters", "3", "--self-train-rounds", "0") == 0
+    model = groupseg.load_model(out).eval()
+    cache = FeatureCache.build(model, sorted(photos.glob("*.png")), out / "cache", 32, 0.5, torch.device("cpu"))
+    labels, marg = teacher_targets(model, model.stego, cache, tmp_path / "pseudo", "none", flip=True)
+    side = UPSAMPLE * cache.grid
+    for i, path in enumerate(cache.meta["images"]):
+        px = crop_pixels(model, path, 32, 0.5)
+        probs = [(cluster_scores(dense_codes(model, x)[0], model.stego.centres, (32, 32)) / 0.1).softmax(1) for x in (px, px.flip(-1))]
+        top = F.adaptive_avg_pool2d((probs[0] + probs[1].flip(-1)) / 2, side).topk(2, dim=1)
+        want_lab, want_m = top.indices[:, 0], top.values[:, 0] - top.values[:, 1]
+        got_lab, got_m = torch.from_numpy(labels[5 * i : 5 * i + 5]).long(), torch.from_numpy(marg[5 * i : 5 * i + 5].astype(np.float32))
+        assert torch.allclose(got_m, want_m, atol=0.02)  # the cache holds float16 features
+        sure = want_m > 0.05
+        assert sure.float().mean() > 0.5 and torch.equal(got_lab[sure], want_lab[sure])

@@ -193,7 +193,7 @@ class DiscoverConfig:
     keep: float = 0.5  # self-training: fraction of each cluster's pixels kept as pseudo labels (the surest)
     self_train_backbone: float = 0.0  # self-training: also fine-tune the backbone's first stage at this multiple of --lr (0 = only the new head, on cached features)
     pseudo_refine: Literal["pamr", "none"] = "pamr"  # self-training: refine the teacher's pseudo labels onto image edges with PAMR before training on them
-    pseudo_flip: bool = False  # self-training: average the teacher's probabilities over each crop and its mirror image
+    pseudo_flip: bool = True  # self-training: average the teacher's probabilities over each crop and its mirror image (chosen on CamVid val)
     refine: Literal["pamr", "none"] = "pamr"  # refinement the output weights apply to their cluster maps by default (segment / eval: --pamr, --no-pamr override it)
     seed: int = 0
     resume: Literal["auto", "none"] = "auto"  # auto = continue from OUT/checkpoints

@@ -1,7 +1,8 @@
 """PASS-style self-training for ``groupseg discover``: clusters -> pseudo labels -> a new head -> re-cluster.
 
 Each crop's pseudo labels come from the STEGO head (the teacher): its cluster probabilities
-(softmax of the cosine to the centres), upsampled to the crop's pixels and, by default, refined
+(softmax of the cosine to the centres), upsampled to the crop's pixels, by default averaged with
+those of the mirrored crop (mirrored back) and refined
 onto image edges by PAMR, then pooled to a grid ``UPSAMPLE`` times finer than the patch grid. A
 pixel's label is its most probable cluster and its confidence the margin over the second. Per
 cluster, only the surest ``keep`` share of its pixels keep their label (thresholds from a streamed
@@ -62,13 +63,16 @@ def pseudo_labels(lab: torch.Tensor, m: torch.Tensor, thresholds: torch.Tensor) 
 
 
 @torch.no_grad()
-def teacher_targets(model, teacher: StegoHead, cache, directory: Path, refine: str, tau: float = 0.1):
+def teacher_targets(model, teacher: StegoHead, cache, directory: Path, refine: str, tau: float = 0.1,
+                    flip: bool = False):
     """Every crop's (L, L) labels and margins (L = ``UPSAMPLE`` x the patch grid), memory-mapped in
-    ``directory``: the teacher's cluster probabilities at the crop's pixels, PAMR-refined when
-    ``refine == "pamr"``, average-pooled to L."""
+    ``directory``: the teacher's cluster probabilities at the crop's pixels (with ``flip``, averaged
+    with those of the mirrored crop, mirrored back), PAMR-refined when ``refine == "pamr"``,
+    average-pooled to L."""
     from tqdm import tqdm
 
     from groupseg.refine import pamr
+    from groupseg.stego import features_from_tokens, first_stage_tokens
 
     from .stego_train import crop_pixels
 
@@ -82,8 +86,14 @@ def teacher_targets(model, teacher: StegoHead, cache, directory: Path, refine: s
         idx = np.arange(5 * i, 5 * i + 5)
         codes = F.normalize(teacher(cache.features(model, idx, feature)), dim=1)
         probs = (cluster_scores(codes, centres, (res, res)) / tau).softmax(1)
+        pixels = crop_pixels(model, path, res, ratio).to(probs.device) if refine == "pamr" or flip else None
+        if flip:
+            tokens, (h, w) = first_stage_tokens(model, pixels.flip(-1))
+            f = features_from_tokens(model, tokens, feature).transpose(1, 2).reshape(len(idx), -1, h, w)
+            mirrored = F.normalize(teacher(f), dim=1).flip(-1)
+            probs = (probs + (cluster_scores(mirrored, centres, (res, res)) / tau).softmax(1)) / 2
         if refine == "pamr":
-            probs = pamr(crop_pixels(model, path, res, ratio).to(probs.device), probs)
+            probs = pamr(pixels, probs)
         top = F.adaptive_avg_pool2d(probs, side).topk(2, dim=1)
         labels[idx] = top.indices[:, 0].cpu().numpy()
         marg[idx] = (top.values[:, 0] - top.values[:, 1]).cpu().numpy()
@@ -105,7 +115,8 @@ def self_train(model, head: StegoHead, cache, cfg: DiscoverConfig, round_: int =
         model.visual.load_state_dict(state["visual"])
         print(f"discover: self-training round {round_ + 1} restored from {ckpt}")
     else:
-        labels, marg = teacher_targets(model, teacher, cache, Path(cfg.out) / "pseudo", cfg.pseudo_refine, tau)
+        labels, marg = teacher_targets(model, teacher, cache, Path(cfg.out) / "pseudo", cfg.pseudo_refine, tau,
+                                       flip=cfg.pseudo_flip)
         chunks = (slice(s, s + 256) for s in range(0, len(cache), 256))
         thresholds = keep_thresholds(((labels[c], marg[c]) for c in chunks), centres.shape[0], cfg.keep)
         gen = torch.Generator().manual_seed(cfg.seed + 1000 + round_)
