@@ -85,6 +85,22 @@ def _required(help_: str) -> Any:
     return field(default="", metadata={"required": True, "help": help_})
 
 
+def _check_at_least(cfg: Any, bounds: dict[str, float]) -> None:
+    """``--name must be >= lo`` for each field of a command's config below its bound."""
+    for name, lo in bounds.items():
+        if getattr(cfg, name) < lo:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= {lo}, got {getattr(cfg, name)}")
+
+
+def _check_choices(cfg: Any, names: tuple[str, ...]) -> None:
+    """``--name must be one of ...`` for each ``Literal`` field of a command's config holding another value."""
+    hints = typing.get_type_hints(type(cfg))
+    for name in names:
+        allowed = typing.get_args(hints[name])
+        if getattr(cfg, name) not in allowed:
+            raise ValueError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, got {getattr(cfg, name)!r}")
+
+
 @dataclass
 class FinetuneConfig:
     dataset: str = _required("camvid, voc, ade20k, coco-stuff, imagenet-s, folder, ... (as groupseg eval)")
@@ -147,18 +163,11 @@ class FinetuneConfig:
             raise ValueError(f"--tag-topk must be in (0, 1], got {self.tag_topk}")
         if self.workers < -1:
             raise ValueError(f"--workers must be >= 0 or -1 (auto), got {self.workers}")
-        for name in ("epochs", "min_steps", "mix_match_epochs", "groupings", "keep_last"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
-        for name in ("batch_size", "crop_size", "short_side", "log_every", "patches_per_class"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        _check_at_least(self, {"epochs": 0, "min_steps": 0, "mix_match_epochs": 0, "groupings": 0, "keep_last": 0,
+                               "batch_size": 1, "crop_size": 1, "short_side": 1, "log_every": 1, "patches_per_class": 1})
         if self.lr <= 0 or self.backbone_lr_mult < 0:
             raise ValueError(f"--lr must be > 0 and --backbone-lr-mult >= 0, got {self.lr} and {self.backbone_lr_mult}")
-        for name in ("weak_loss", "objective", "class_weights", "grouping_loss", "precision"):
-            allowed = typing.get_args(typing.get_type_hints(FinetuneConfig)[name])
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        _check_choices(self, ("weak_loss", "objective", "class_weights", "grouping_loss", "precision"))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -210,11 +219,9 @@ class DiscoverConfig:
             raise ValueError("--dataset needs --data-root")
         if self.clusters == 1 or self.clusters < 0:
             raise ValueError(f"--clusters must be at least 2 (got {self.clusters})")
-        for name, lo in (("dim", 0), ("res", 32), ("knn", 1), ("steps", 0), ("batch_size", 2), ("samples", 2),
-                         ("rand_pairs", 0), ("probe_epochs", 1), ("self_train_rounds", 0), ("self_train_steps", 1),
-                         ("checkpoint_every", 1), ("limit", 0)):
-            if getattr(self, name) < lo:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= {lo}, got {getattr(self, name)}")
+        _check_at_least(self, {"dim": 0, "res": 32, "knn": 1, "steps": 0, "batch_size": 2, "samples": 2, "rand_pairs": 0,
+                               "probe_epochs": 1, "self_train_rounds": 0, "self_train_steps": 1, "checkpoint_every": 1,
+                               "limit": 0})
         if not self.lr > 0:
             raise ValueError(f"--lr must be > 0, got {self.lr}")
         if not self.self_train_backbone >= 0:
@@ -222,10 +229,7 @@ class DiscoverConfig:
         for name in ("crop_ratio", "keep"):
             if not 0 < getattr(self, name) <= 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be in (0, 1], got {getattr(self, name)}")
-        for name in ("feature", "pseudo_refine", "refine", "resume"):
-            allowed = typing.get_args(typing.get_type_hints(DiscoverConfig)[name])
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        _check_choices(self, ("feature", "pseudo_refine", "refine", "resume"))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

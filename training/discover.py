@@ -92,8 +92,8 @@ def check_args(cfg: DiscoverConfig, model, paths: list[Path], classes: int) -> i
     return k
 
 
-def run_discover(args: argparse.Namespace | DiscoverConfig) -> int:
-    """Run ``groupseg discover`` (parsed options or a ``DiscoverConfig``); returns the exit code."""
+def run_discover(args: argparse.Namespace) -> int:
+    """Run ``groupseg discover``; returns the exit code."""
     import groupseg
     from groupseg.argtypes import resolve_device
     from groupseg.pretrained import resolve_weights
@@ -102,7 +102,7 @@ def run_discover(args: argparse.Namespace | DiscoverConfig) -> int:
     from .stego_train import FeatureCache, fit_probe, plot_code_space, train_head
     from .selftrain import self_train
 
-    cfg = args if isinstance(args, DiscoverConfig) else dataclass_from_args(DiscoverConfig, args)  # range checks first
+    cfg = dataclass_from_args(DiscoverConfig, args)  # range checks, before any work
     t0 = time.time()
     torch.manual_seed(cfg.seed)
     paths, classes = image_paths(cfg)

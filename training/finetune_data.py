@@ -134,17 +134,19 @@ class LabelledImages(torch.utils.data.Dataset):
         s = cfg.short_side * rng.uniform(*cfg.scale_range) / min(img.size)
         w, h = max(1, round(img.width * s)), max(1, round(img.height * s))
         lab, S = Image.fromarray(full.astype(np.uint8)), cfg.crop_size
-        if w >= S and h >= S:  # the crop of the image resized to (w, h), resampling only the crop
+        small = w < S or h < S
+        if small:
+            img, lab = img.resize((w, h), Image.BILINEAR), lab.resize((w, h), Image.NEAREST)
+        else:  # the crop of the image resized to (w, h), resampling only the crop
             y, x = int(rng.integers(0, h - S + 1)), int(rng.integers(0, w - S + 1))
             sx, sy = img.width / w, img.height / h
             box = (x * sx, y * sy, (x + S) * sx, (y + S) * sy)
             img, lab = img.resize((S, S), Image.BILINEAR, box=box), lab.resize((S, S), Image.NEAREST, box=box)
-            px = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
-            t = torch.from_numpy(np.asarray(lab, dtype=np.uint8).astype(np.int64))
-        else:  # pad small images: zeros (mean after normalising) / ignore, then crop
-            px = torch.from_numpy(np.asarray(img.resize((w, h), Image.BILINEAR), dtype=np.uint8).copy()).permute(2, 0, 1)
-            t = torch.from_numpy(np.asarray(lab.resize((w, h), Image.NEAREST), dtype=np.uint8).astype(np.int64))
-            px, t = F.pad(px, (0, max(0, S - w), 0, max(0, S - h))), F.pad(t, (0, max(0, S - w), 0, max(0, S - h)), value=IGNORE)
+        px = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+        t = torch.from_numpy(np.asarray(lab, dtype=np.uint8).astype(np.int64))
+        if small:  # padded: zeros (mean after normalising) / ignore, then cropped
+            pad = (0, max(0, S - w), 0, max(0, S - h))
+            px, t = F.pad(px, pad), F.pad(t, pad, value=IGNORE)
             y = int(rng.integers(0, px.shape[1] - S + 1))
             x = int(rng.integers(0, px.shape[2] - S + 1))
             px, t = px[:, y : y + S, x : x + S], t[y : y + S, x : x + S]

@@ -72,7 +72,7 @@ def teacher_targets(model, teacher: StegoHead, cache, directory: Path, refine: s
     from tqdm import tqdm
 
     from groupseg.refine import pamr
-    from groupseg.stego import features_from_tokens, first_stage_tokens
+    from groupseg.stego import dense_features
 
     from .stego_train import crop_pixels
 
@@ -88,9 +88,7 @@ def teacher_targets(model, teacher: StegoHead, cache, directory: Path, refine: s
         probs = (cluster_scores(codes, centres, (res, res)) / tau).softmax(1)
         pixels = crop_pixels(model, path, res, ratio).to(probs.device) if refine == "pamr" or flip else None
         if flip:
-            tokens, (h, w) = first_stage_tokens(model, pixels.flip(-1))
-            f = features_from_tokens(model, tokens, feature).transpose(1, 2).reshape(len(idx), -1, h, w)
-            mirrored = F.normalize(teacher(f), dim=1).flip(-1)
+            mirrored = F.normalize(teacher(dense_features(model, pixels.flip(-1), feature)), dim=1).flip(-1)
             probs = (probs + (cluster_scores(mirrored, centres, (res, res)) / tau).softmax(1)) / 2
         if refine == "pamr":
             probs = pamr(pixels, probs)

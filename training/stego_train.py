@@ -130,7 +130,6 @@ def train_head(model, head: StegoHead, cache: FeatureCache, neighbours: torch.Te
     """Correspondence distillation of the head on crops paired with themselves, neighbours and random crops."""
     from tqdm import tqdm
 
-    shifts, weights = list(cfg.shifts), list(cfg.loss_weights)
     gen = torch.Generator().manual_seed(cfg.seed)
     opt = torch.optim.Adam(head.parameters(), lr=cfg.lr)
     ckpt = ckpt_dir / "head.pt"
@@ -141,7 +140,7 @@ def train_head(model, head: StegoHead, cache: FeatureCache, neighbours: torch.Te
         idx = torch.randint(len(cache), (cfg.batch_size,), generator=gen)
         nb = neighbours[idx, torch.randint(neighbours.shape[1], (cfg.batch_size,), generator=gen)]
         f, fk = cache.features(model, idx, cfg.feature), cache.features(model, nb, cfg.feature)
-        loss, parts = correspondence_loss(f, fk, head(f), head(fk), shifts, weights, gen, cfg.samples, cfg.rand_pairs)
+        loss, parts = correspondence_loss(f, fk, head(f), head(fk), cfg.shifts, cfg.loss_weights, gen, cfg.samples, cfg.rand_pairs)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
