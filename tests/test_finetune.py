@@ -297,6 +297,11 @@ def test_cli_bad_input_is_one_line(tiny_weights, tmp_path, capsys):
     assert "--tag-topk must be in (0, 1], got 0.0" in capsys.readouterr().err
     assert main(common + ["--weak-classes", "car", "--comp-balance", "-0.5"]) == 2
     assert "--comp-balance must be >= 0, got -0.5" in capsys.readouterr().err
+    assert main(common + ["--workers", "-2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--workers must be >= 0 or -1 (auto), got -2" in err and len(err.splitlines()) == 1
+    assert main(common + ["--batch-size", "0"]) == 2
+    assert "--batch-size must be >= 1, got 0" in capsys.readouterr().err
     (root / "val").mkdir()
     assert main(common + ["--split", "val"]) == 2
     err = capsys.readouterr().err.strip()
