@@ -64,6 +64,10 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int_range(0), default=0, help="evaluate only the first N images (0 = all)")
     p.add_argument("--device", default="auto", help="torch device: auto (cuda when available, else cpu), cpu, cuda, cuda:N")
     p.add_argument("--clusters", type=int_range(0), default=0, help="unsupervised protocol: K (default: the number of classes)")
+    p.add_argument("--linear-probe", default="", metavar="SPLIT",
+                   help="unsupervised protocol, weights from groupseg discover: also report STEGO's linear probe, a linear "
+                        "classifier fitted on the codes of 1,000 labelled pixels of each image of SPLIT (e.g. train; "
+                        "without --holdout-sequence's frames)")
     p.add_argument("--gallery", metavar="PNG", help="picture of the 3 best and 3 worst images: image / truth / prediction")
     p.add_argument("--confusion", metavar="PNG", help="picture of the row-normalised confusion matrix")
 
@@ -112,6 +116,9 @@ def run_eval(args: argparse.Namespace) -> int:
         raise ValueError("--clusters applies to --protocol unsupervised (for one image: groupseg segment --clusters K)")
     if protocol == "unsupervised" and (args.flip or args.scales not in (None, "1")):
         raise ValueError("--flip and --scales apply to the zero-shot protocols only")
+    if args.linear_probe and protocol != "unsupervised":
+        raise ValueError("--linear-probe applies to --protocol unsupervised")
+    probe_fit = _probe_split(args, ds) if args.linear_probe else None
     if args.top_k and args.top_k > len(vocab):
         raise ValueError(f"--top-k {args.top_k} is larger than the vocabulary ({len(vocab)} classes)")
     world, rank, state = _processes()
@@ -121,14 +128,10 @@ def run_eval(args: argparse.Namespace) -> int:
         args.device = str(state.device) if args.device in (None, "auto") else args.device
         print(f"process {rank} of {world}: {len(samples[rank::world])} of {len(samples)} images", file=sys.stderr)
     seg, weights = make_segmenter(args, threshold, protocol)
+    if probe_fit is not None and getattr(seg.model, "stego", None) is None:
+        raise ValueError("--linear-probe needs weights with a STEGO head (from groupseg discover)")
     if protocol == "unsupervised":
-        from .unsupervised import evaluate_unsupervised
-
-        cm, per_image = evaluate_unsupervised(seg, ds, samples, args)
-        from groupseg.stego import cluster_refinement
-
-        used = {"protocol": protocol, "clusters": args.clusters or ds.num_classes,
-                "refine": (cluster_refinement(seg) if getattr(seg.model, "stego", None) is not None else "") or "none"}
+        cm, per_image, used = _unsupervised(args, seg, ds, samples, probe_fit)
     else:
         cm, per_image = evaluate_zero_shot(seg, ds, samples[rank::world], vocab, args, threshold)
         source = "--vocab-file" if args.vocab_file else ("NVlabs' class names" if vocab is ds.paper_vocab else "groupseg's vocabulary")
@@ -140,6 +143,40 @@ def run_eval(args: argparse.Namespace) -> int:
         if not state.is_main_process:
             return 0  # the main process reports (its gallery shows its own share of the images)
     return _report(args, ds, cm, per_image, len(samples), used, threshold, weights)
+
+
+def _unsupervised(args, seg, ds, samples, probe_fit):
+    """The Hungarian protocol's confusion, gallery and settings; with ``probe_fit``, the linear probe's scores among the settings."""
+    from groupseg.stego import cluster_refinement
+
+    from .unsupervised import evaluate_unsupervised, linear_probe
+
+    cm, per_image = evaluate_unsupervised(seg, ds, samples, args)
+    used = {"protocol": "unsupervised", "clusters": args.clusters or ds.num_classes,
+            "refine": (cluster_refinement(seg) if getattr(seg.model, "stego", None) is not None else "") or "none"}
+    if probe_fit is not None:
+        res = linear_probe(seg, probe_fit, ds, samples).compute()
+        used["linear_probe"] = {"fit_split": args.linear_probe, "fit_images": len(probe_fit.samples),
+                                **{k: res[k] for k in ("miou", "pixel_acc", "mean_acc")},
+                                "per_class_iou": dict(zip(ds.classes, res["per_class_iou"]))}
+        print(f"linear probe (fitted on {args.linear_probe}, {len(probe_fit.samples)} images): "
+              f"mIoU {100 * res['miou']:.1f}, pixel acc {100 * res['pixel_acc']:.1f}")
+    return cm, per_image, used
+
+
+def _probe_split(args, ds):
+    """The dataset the linear probe is fitted on: ``--linear-probe``'s split without the held-out
+    sequence's frames; never the evaluated images themselves."""
+    from .datasets import sequence_of
+
+    fit = load_dataset(args.dataset, args.data_root, args.linear_probe, args.vocab_file)
+    if args.holdout_sequence and any(sequence_of(s.stem) == args.holdout_sequence for s in fit.samples):
+        fit = hold_out_sequence(fit, args.holdout_sequence, keep="rest")
+    if {s.image for s in fit.samples} & {s.image for s in ds.samples}:
+        raise ValueError(f"--linear-probe {args.linear_probe} would fit on the evaluated images: name another split (e.g. train)")
+    if fit.num_classes != ds.num_classes:
+        raise ValueError(f"--linear-probe {args.linear_probe} has {fit.num_classes} classes, the evaluated split {ds.num_classes}")
+    return fit
 
 
 def _report(args, ds, cm, per_image, n_images: int, used: dict, threshold: float, weights: str) -> int:

@@ -1,6 +1,7 @@
 """The STEGO / PASS unsupervised protocol over a benchmark: k-means (K = classes) over the segments
 of all images, every pixel takes its cluster, clusters matched one-to-one to classes by the
-Hungarian algorithm on the cluster-vs-class confusion, then the usual metrics."""
+Hungarian algorithm on the cluster-vs-class confusion, then the usual metrics. For weights with a
+STEGO head, STEGO's linear probe too: a linear classifier fitted on another split's labelled codes."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -87,3 +88,30 @@ def evaluate_unsupervised(seg, ds: SegDataset, samples: Sequence[Sample], args) 
                 gallery.add(image_miou(pred, ds.load_target(s), C, ds.ignore_index), s.stem, rgb, ds.load_target(s), pred)
     print(f"unsupervised: K={K} clusters over {what}, {int((mapping >= 0).sum())} matched to classes")
     return cm, gallery
+
+
+def linear_probe(seg, fit: SegDataset, ds: SegDataset, samples: Sequence[Sample], per_image: int = 1000, seed: int = 0) -> ConfusionMatrix:
+    """STEGO's linear probe: fit a linear classifier on the head's codes of up to ``per_image``
+    random labelled pixels of every image of ``fit`` (its labels are read: a report of how much of
+    the classes the code space holds, not an unsupervised result), then score it on ``samples``."""
+    import torch
+    from tqdm import tqdm
+
+    from groupseg.stego import fit_linear_probe, pixel_codes, probe_label_map
+
+    C, gen = ds.num_classes, torch.Generator().manual_seed(seed)
+    codes, labels = [], []
+    for s in tqdm(fit.samples, desc="probe codes", unit="img", dynamic_ncols=True):
+        target = torch.from_numpy(fit.load_target(s).astype(np.int64))
+        ys, xs = torch.nonzero((target != fit.ignore_index) & (target >= 0) & (target < C), as_tuple=True)
+        pick = torch.randperm(len(ys), generator=gen)[:per_image]
+        codes.append(pixel_codes(seg, read_rgb(s.image), ys[pick], xs[pick]))
+        labels.append(target[ys[pick], xs[pick]])
+    probe = fit_linear_probe(torch.cat(codes), torch.cat(labels), C, fit.ignore_index, seed=seed)
+    cm = ConfusionMatrix(C, ignore_index=ds.ignore_index)
+    for s in tqdm(samples, desc="probe", unit="img", dynamic_ncols=True):
+        target = ds.load_target(s)
+        pred = probe_label_map(seg, read_rgb(s.image), probe).numpy()
+        check_size(s, pred, target)
+        cm.update(torch.from_numpy(pred), torch.from_numpy(target.astype(np.int64)))
+    return cm

@@ -252,24 +252,27 @@ def fit_cluster_probe(batches: Iterable[torch.Tensor], k: int, epochs: int = 2, 
 def fit_linear_probe(
     codes: torch.Tensor, labels: torch.Tensor, num_classes: int, ignore_index: int = 255, steps: int = 300, lr: float = 0.05, seed: int = 0
 ) -> nn.Linear:
-    """A linear classifier over codes (N, D) -> classes, for reporting how much a code space holds.
+    """A linear classifier over codes (N, D) -> classes, for reporting how much a code space holds
+    (STEGO's linear probe; ``probe_label_map`` applies it to an image).
 
     Args:
-        codes: (N, D) codes (a sample of pixels).
-        labels: (N,) classes, ``ignore_index`` skipped.
+        codes: (N, D) codes of a sample of pixels (``pixel_codes``), used as they are.
+        labels: (N,) classes, ``ignore_index`` and values outside 0..num_classes-1 skipped.
         num_classes: classes.
-        steps: full-batch Adam steps.
+        steps: full-batch Adam steps on the cross-entropy.
     """
     torch.manual_seed(seed)
-    keep = labels != ignore_index
-    x, y = F.normalize(codes[keep].float(), dim=-1), labels[keep].long()
+    keep = (labels != ignore_index) & (labels >= 0) & (labels < num_classes)
+    if not keep.any():
+        raise ValueError("no labelled pixels to fit the linear probe on")
+    x, y = codes[keep].float(), labels[keep].long()
     probe = nn.Linear(x.shape[1], num_classes)
     opt = torch.optim.Adam(probe.parameters(), lr=lr)
     for _ in range(steps):
         opt.zero_grad()
         F.cross_entropy(probe(x), y).backward()
         opt.step()
-    return probe
+    return probe.requires_grad_(False)
 
 
 # ----------------------------------------------------------------------------- inference
@@ -328,6 +331,32 @@ def stego_label_map(segmenter, image, centres: torch.Tensor, temperature: float 
 
         scores = pamr(px, (scores / temperature).softmax(1))
     return resize_nearest(scores[0].argmax(0).cpu(), (img.height, img.width))
+
+
+@torch.no_grad()
+def pixel_codes(segmenter, image, ys: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
+    """(n, dim) codes at pixels (``ys``, ``xs``) of the image at its own size: the head's patch-grid
+    codes interpolated there exactly as a bilinear upsampling of the whole map to the image would
+    give them (no refinement), without building that map."""
+    img, px = _pixels(segmenter, image)
+    codes, _ = dense_codes(segmenter.model, px)
+    gx = (xs.float() + 0.5) / img.width * 2 - 1  # pixel centres in grid_sample's [-1, 1] (align_corners=False)
+    gy = (ys.float() + 0.5) / img.height * 2 - 1
+    grid = torch.stack([gx, gy], -1).view(1, 1, -1, 2).to(codes)
+    return F.grid_sample(codes, grid, mode="bilinear", padding_mode="border", align_corners=False)[0, :, 0].T.cpu()
+
+
+@torch.no_grad()
+def probe_label_map(segmenter, image, probe: nn.Linear) -> torch.Tensor:
+    """(H, W) class per pixel at the image's own size: ``probe`` on the bilinearly upsampled codes
+    (computed on the patch grid and upsampled, which is the same: the probe is linear)."""
+    from .transforms import resize_bilinear_argmax
+
+    img, px = _pixels(segmenter, image)
+    codes, _ = dense_codes(segmenter.model, px)
+    w, b = probe.weight.to(codes), probe.bias.to(codes)
+    logits = torch.einsum("dhw,cd->chw", codes[0], w) + b[:, None, None]
+    return resize_bilinear_argmax(logits.cpu(), (img.height, img.width))
 
 
 @torch.no_grad()

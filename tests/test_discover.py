@@ -349,3 +349,75 @@ def test_flipped_teacher_labels_average_each_crop_with_its_mirror_image(tiny_wei
         assert torch.allclose(got_m, want_m, atol=0.02)  # the cache holds float16 features
         sure = want_m > 0.05
         assert sure.float().mean() > 0.5 and torch.equal(got_lab[sure], want_lab[sure])
+
+
+# ----------------------------------------------------------------------------- linear probe
+def test_linear_probe_recovers_a_linearly_separable_labelling_and_skips_ignored_pixels():
+    from groupseg.stego import fit_linear_probe
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2000, 8, generator=g)
+    y = (x[:, 0] > 0).long() + 2 * (x[:, 1] > 0).long()  # four classes, split by two hyperplanes
+    noisy = y.clone()
+    noisy[:500] = 255  # ignored pixels: labels that would teach the opposite, never read
+    x_bad = x.clone()
+    x_bad[:500, :2] *= -1
+    probe = fit_linear_probe(x_bad, noisy, 4, steps=300)
+    assert (probe(x[500:]).argmax(1) == y[500:]).float().mean() > 0.97
+    with pytest.raises(ValueError, match="no labelled pixels"):
+        fit_linear_probe(x, torch.full((2000,), 255), 4)
+
+
+def test_probe_reads_the_codes_bilinear_upsampling_would_give(tiny_weights, tmp_path):
+    from groupseg.stego import _pixels, dense_codes, fit_linear_probe, pixel_codes, probe_label_map
+
+    photos = _photos(tmp_path / "photos")
+    out = tmp_path / "out"
+    assert _discover(tiny_weights, photos, out, "--clusters", "3", "--self-train-rounds", "0") == 0
+    seg = groupseg.Segmenter.from_pretrained(out, short_side=32, templates="simple")
+    img = np.asarray(Image.open(photos / "p1.png"))  # 48 x 64: the codes' grid is 2 x 2 at short side 32
+    codes, _ = dense_codes(seg.model, _pixels(seg, img)[1])
+    up = F.interpolate(codes, size=(48, 64), mode="bilinear", align_corners=False)[0]  # (dim, 48, 64)
+    ys, xs = torch.tensor([0, 0, 47, 23, 24, 11, 47]), torch.tensor([0, 63, 63, 31, 32, 5, 0])
+    assert torch.allclose(pixel_codes(seg, img, ys, xs), up[:, ys, xs].T, atol=1e-5)
+    torch.manual_seed(0)
+    probe = fit_linear_probe(torch.randn(50, codes.shape[1]), torch.randint(3, (50,)), 3, steps=5)
+    want = (torch.einsum("dhw,cd->chw", up, probe.weight) + probe.bias[:, None, None]).argmax(0)
+    got = probe_label_map(seg, img, probe)
+    assert got.shape == (48, 64) and (got == want).float().mean() > 0.999  # ties at most
+
+
+def test_eval_reports_the_linear_probe_fitted_on_another_split(tiny_weights, tmp_path, capsys):
+    from groupseg.cli import main
+
+    photos = _photos(tmp_path / "photos", n=8)
+    out = tmp_path / "out"
+    assert _discover(tiny_weights, photos, out, "--clusters", "3", "--self-train-rounds", "0") == 0
+    root = tmp_path / "camvid"
+    for split, names in (("train", [f"p{i}.png" for i in range(5)]), ("val", [f"p{i}.png" for i in range(5, 8)])):
+        (root / split).mkdir(parents=True)
+        (root / f"{split}annot").mkdir()
+        for n in names:
+            Image.open(photos / n).save(root / split / n)
+            lab = np.zeros((48, 64), np.uint8)
+            lab[24:] = 3
+            lab[:2] = 11  # CamVid's ignored label
+            Image.fromarray(lab).save(root / f"{split}annot" / n)
+    base = ["eval", "--dataset", "camvid", "--data-root", str(root), "--weights", str(out), "--protocol", "unsupervised",
+            "--short-side", "64", "--templates", "simple", "--device", "cpu", "--no-pamr", "--out", str(tmp_path / "r.json")]
+    assert main(base + ["--linear-probe", "train"]) == 0
+    r = json.loads((tmp_path / "r.json").read_text())
+    lp = r["settings"]["linear_probe"]
+    assert lp["fit_split"] == "train" and lp["fit_images"] == 5 and 0 <= lp["pixel_acc"] <= 1
+    assert set(lp["per_class_iou"]) == set(r["per_class_iou"])
+    assert "linear probe (fitted on train, 5 images)" in capsys.readouterr().out
+    for extra, msg in ((["--linear-probe", "val"], "would fit on the evaluated images"),
+                       (["--linear-probe", "test"], "test"),
+                       (["--linear-probe", "train", "--protocol", "groupseg"], "applies to --protocol unsupervised")):
+        capsys.readouterr()
+        assert main(base + extra) == 2
+        err = capsys.readouterr().err.strip()
+        assert msg in err and len(err.splitlines()) == 1, err
+    no_head = base[:5] + ["--weights", str(tiny_weights)] + base[7:]
+    assert main(no_head + ["--linear-probe", "train"]) == 2
+    assert "needs weights with a STEGO head" in capsys.readouterr().err
