@@ -12,7 +12,7 @@ from PIL import Image
 import groupseg
 from groupseg.loss.correspondence import correspondence_loss, derangement, pair_loss
 from groupseg.stego import MiniBatchKMeans, StegoHead, fit_cluster_probe, knn_pairs
-from groupseg.training.selftrain import IGNORE, keep_thresholds, margins, pseudo_labels
+from groupseg.training.selftrain import UNSURE, keep_thresholds, margins, pseudo_labels
 
 
 # ----------------------------------------------------------------------------- loss vs brute force
@@ -180,10 +180,10 @@ def test_pseudo_labels_never_include_unsure_pixels():
     lab = pseudo_labels(nearest, m, thr)
     unsure = m < thr[nearest]
     assert unsure.any() and (~unsure).any()
-    assert (lab[unsure] == IGNORE).all()
+    assert (lab[unsure] == UNSURE).all()
     assert torch.equal(lab[~unsure], nearest[~unsure])
     for k in range(4):  # about the surest 40 % of each cluster keep their label (histogram bins: a little more)
-        share = (lab[nearest == k] != IGNORE).float().mean()
+        share = (lab[nearest == k] != UNSURE).float().mean()
         assert 0.38 < share < 0.5
 
 

@@ -7,7 +7,7 @@ onto image edges by PAMR, then pooled to a grid ``UPSAMPLE`` times finer than th
 pixel's label is its most probable cluster and its confidence the margin over the second. Per
 cluster, only the surest ``keep`` share of its pixels keep their label (thresholds from a streamed
 histogram of margins; labels and margins live in memory-mapped files, so memory does not grow
-with the number of images); the others are marked unsure (``IGNORE``) and never reach the loss.
+with the number of images); the others are marked unsure (``UNSURE``) and never reach the loss.
 As PASS trains a segmentation network on its pseudo labels, a new head whose nonlinear branch sees
 each patch's 3 x 3 neighbourhood is trained from scratch on them (cross-entropy of its cosine
 logits to the fixed centres, upsampled to the labels' grid); it replaces the STEGO head, and the
@@ -29,7 +29,7 @@ from groupseg.stego import StegoHead, cluster_scores
 if TYPE_CHECKING:
     from .config import DiscoverConfig
 
-IGNORE = -1
+UNSURE = -1  # pseudo label of a pixel self-training is unsure of (not the loss's IGNORE = 255: cluster ids reach 918 on ImageNet-S)
 BINS = 400  # margin histogram over [0, 2]
 UPSAMPLE = 4  # pseudo labels on a grid this many times finer than the patch grid
 
@@ -57,9 +57,9 @@ def keep_thresholds(pairs, k: int, keep: float) -> torch.Tensor:
 
 
 def pseudo_labels(lab: torch.Tensor, m: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
-    """Cluster labels (...) with their margins (...) -> labels, ``IGNORE`` where the margin is below the cluster's threshold."""
+    """Cluster labels (...) with their margins (...) -> labels, ``UNSURE`` where the margin is below the cluster's threshold."""
     lab = torch.as_tensor(lab).long()
-    return torch.where(torch.as_tensor(m).float() >= thresholds.to(lab.device)[lab], lab, torch.full_like(lab, IGNORE))
+    return torch.where(torch.as_tensor(m).float() >= thresholds.to(lab.device)[lab], lab, torch.full_like(lab, UNSURE))
 
 
 @torch.no_grad()
@@ -179,11 +179,11 @@ def fit_student(model, student: StegoHead, cache, targets, centres: torch.Tensor
             student.train()
             logits = torch.einsum("bdhw,kd->bkhw", F.normalize(student(f), dim=1), centres) / tau
             logits = F.interpolate(logits, size=(side, side), mode="bilinear", align_corners=False)
-            loss = F.cross_entropy(logits, target, ignore_index=IGNORE) if (target != IGNORE).any() else logits.sum() * 0
+            loss = F.cross_entropy(logits, target, ignore_index=UNSURE) if (target != UNSURE).any() else logits.sum() * 0
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             if step % 20 == 0:
-                bar.set_postfix(ce=f"{loss.item():.3f}", kept=f"{(target != IGNORE).float().mean().item():.2f}")
+                bar.set_postfix(ce=f"{loss.item():.3f}", kept=f"{(target != UNSURE).float().mean().item():.2f}")
     finally:
         model.visual.requires_grad_(False)
