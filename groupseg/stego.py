@@ -266,8 +266,10 @@ def fit_linear_probe(
     if not keep.any():
         raise ValueError("no labelled pixels to fit the linear probe on")
     x, y = codes[keep].float(), labels[keep].long()
+    from .optim import build_optimizer
+
     probe = nn.Linear(x.shape[1], num_classes)
-    opt = torch.optim.Adam(probe.parameters(), lr=lr)
+    opt = build_optimizer([{"params": list(probe.parameters()), "weight_decay": 0.0}], lr)
     for _ in range(steps):
         opt.zero_grad()
         F.cross_entropy(probe(x), y).backward()

@@ -421,3 +421,24 @@ def test_eval_reports_the_linear_probe_fitted_on_another_split(tiny_weights, tmp
     no_head = base[:5] + ["--weights", str(tiny_weights)] + base[7:]
     assert main(no_head + ["--linear-probe", "train"]) == 2
     assert "needs weights with a STEGO head" in capsys.readouterr().err
+
+
+def test_discover_optimizer_is_the_projects_one_and_steps_as_plain_adam():
+    from groupseg.optim import build_optimizer
+
+    torch.manual_seed(0)
+    heads = [StegoHead(12, 6, dropout=0.0) for _ in range(2)]
+    heads[1].load_state_dict(heads[0].state_dict())
+    start = [p.detach().clone() for p in heads[0].parameters()]
+    opts = [torch.optim.Adam(heads[0].parameters(), lr=5e-3),
+            build_optimizer([{"params": list(heads[1].parameters()), "weight_decay": 0.0}], 5e-3)]
+    x = torch.randn(4, 12, 5, 5)
+    for _ in range(20):
+        for head, opt in zip(heads, opts):
+            opt.zero_grad()
+            head(x).square().mean().backward()
+            opt.step()
+    moved = max((p - p0).abs().max().item() for p, p0 in zip(heads[1].parameters(), start))
+    assert moved > 1e-2  # 20 steps at 5e-3 move the weights ...
+    for a, b in zip(heads[0].parameters(), heads[1].parameters()):
+        assert torch.allclose(a, b, atol=1e-6)  # ... exactly as torch's Adam would (no weight decay)

@@ -582,7 +582,7 @@ def test_crops_equal_resizing_the_whole_image_then_cropping(tiny_weights, tmp_pa
             s = cfg.short_side * rng.uniform(*cfg.scale_range) / min(img.size)
             w, h = round(img.width * s), round(img.height * s)
             y, x = int(rng.integers(0, h - 32 + 1)), int(rng.integers(0, w - 32 + 1))
-            px = torch.from_numpy(np.asarray(img.resize((w, h), Image.BILINEAR))).permute(2, 0, 1)[:, y : y + 32, x : x + 32]
+            px = torch.from_numpy(np.array(img.resize((w, h), Image.BILINEAR))).permute(2, 0, 1)[:, y : y + 32, x : x + 32]
             t = torch.from_numpy(np.asarray(lab.resize((w, h), Image.NEAREST)).astype(np.int64))[y : y + 32, x : x + 32]
             flipped = rng.random() < 0.5
             if flipped:

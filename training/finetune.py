@@ -74,7 +74,9 @@ from groupseg.loss.segmentation import (
 
 from .checkpoint import latest_checkpoint, read_state, save_checkpoint
 from .config import FinetuneConfig
-from .engine import MetricsWriter, build_optimizer, choose_checkpoint, decay_groups, export_weights, warmup_cosine
+from groupseg.optim import build_optimizer, decay_groups
+
+from .engine import MetricsWriter, choose_checkpoint, export_weights, warmup_cosine
 from .finetune_data import (
     LabelledImages,
     hide_classes,

@@ -28,8 +28,10 @@ from groupseg.dataclass_cli import add_dataclass_args
 
 from .checkpoint import latest_checkpoint, read_state, save_checkpoint
 from .config import TrainConfig, load_config, parse_overrides
-from .engine import MetricsWriter, choose_checkpoint, decay_groups, export_weights, warmup_cosine
-from .engine import build_optimizer as adamw
+from groupseg.optim import build_optimizer as adamw
+from groupseg.optim import decay_groups
+
+from .engine import MetricsWriter, choose_checkpoint, export_weights, warmup_cosine
 
 log = logging.getLogger("groupseg.train")
 

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from groupseg.optim import build_optimizer
 from groupseg.stego import StegoHead, cluster_scores
 
 if TYPE_CHECKING:
@@ -156,11 +157,11 @@ def fit_student(model, student: StegoHead, cache, targets, centres: torch.Tensor
     labels, marg, thresholds = targets
     side, feature, device = labels.shape[-1], model.cfg.stego["feature"], centres.device
     backbone = cfg.self_train_backbone > 0
-    groups = [{"params": list(student.parameters()), "lr": cfg.lr}]
+    groups = [{"params": list(student.parameters()), "lr": cfg.lr, "weight_decay": 0.0}]
     if backbone:
         model.visual.requires_grad_(True)
-        groups.append({"params": list(model.visual.parameters()), "lr": cfg.lr * cfg.self_train_backbone})
-    opt = torch.optim.Adam(groups)
+        groups.append({"params": list(model.visual.parameters()), "lr": cfg.lr * cfg.self_train_backbone, "weight_decay": 0.0})
+    opt = build_optimizer(groups, cfg.lr)  # Adam: no weight decay anywhere
     n_img = max(1, cfg.batch_size // 5)
     bar = tqdm(range(cfg.self_train_steps), desc=f"self-train {round_ + 1}", unit="step", dynamic_ncols=True)
     try:

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from groupseg.loss import correspondence_loss
+from groupseg.optim import build_optimizer
 from groupseg.stego import MiniBatchKMeans, StegoHead, features_from_tokens, first_stage_tokens
 
 if TYPE_CHECKING:
@@ -131,7 +132,7 @@ def train_head(model, head: StegoHead, cache: FeatureCache, neighbours: torch.Te
     from tqdm import tqdm
 
     gen = torch.Generator().manual_seed(cfg.seed)
-    opt = torch.optim.Adam(head.parameters(), lr=cfg.lr)
+    opt = build_optimizer([{"params": list(head.parameters()), "weight_decay": 0.0}], cfg.lr)  # Adam, as STEGO
     ckpt = ckpt_dir / "head.pt"
     start = _load(ckpt, head, opt, gen, "stego") if cfg.resume == "auto" else 0
     head.train()
