@@ -172,6 +172,8 @@ def _probe_split(args, ds):
     fit = load_dataset(args.dataset, args.data_root, args.linear_probe, args.vocab_file)
     if args.holdout_sequence and any(sequence_of(s.stem) == args.holdout_sequence for s in fit.samples):
         fit = hold_out_sequence(fit, args.holdout_sequence, keep="rest")
+    if not fit.samples:
+        raise ValueError(f"--linear-probe {args.linear_probe} has no images left to fit on")
     if {s.image for s in fit.samples} & {s.image for s in ds.samples}:
         raise ValueError(f"--linear-probe {args.linear_probe} would fit on the evaluated images: name another split (e.g. train)")
     if fit.num_classes != ds.num_classes:

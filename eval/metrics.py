@@ -4,6 +4,11 @@ from __future__ import annotations
 import torch
 
 
+def labelled(target, num_classes: int, ignore_index: int):
+    """Mask of the pixels of a label map (numpy or torch) that carry a class: not ``ignore_index``, in 0..num_classes-1."""
+    return (target != ignore_index) & (target >= 0) & (target < num_classes)
+
+
 class ConfusionMatrix:
     """Accumulates a (C, C) confusion matrix (rows = truth, columns = prediction) on any device.
 
@@ -28,7 +33,7 @@ class ConfusionMatrix:
         C = self.num_classes
         t = target.reshape(-1).to(self.mat.device).long()
         p = pred.reshape(-1).to(self.mat.device).long()
-        keep = (t != self.ignore_index) & (t >= 0) & (t < C)
+        keep = labelled(t, C, self.ignore_index)
         t, p = t[keep], p[keep]
         p = torch.where((p >= 0) & (p < C), p, torch.full_like(p, C))
         self.mat += torch.bincount(t * (C + 1) + p, minlength=C * (C + 1)).view(C, C + 1)

@@ -13,7 +13,7 @@ from groupseg.viz import Gallery, save_label_map
 
 from .clusters import Reservoir, hungarian_match, matched_confusion
 from .datasets import Sample, SegDataset, read_rgb
-from .metrics import ConfusionMatrix
+from .metrics import ConfusionMatrix, labelled
 from .report import _miou_of_pairs, image_miou
 from .zero_shot import check_size
 
@@ -60,7 +60,7 @@ def evaluate_unsupervised(seg, ds: SegDataset, samples: Sequence[Sample], args) 
         target = ds.load_target(s)
         lab = clusters_of(read_rgb(s.image))
         check_size(s, lab, target)
-        valid = (target != ds.ignore_index) & (target >= 0) & (target < C)
+        valid = labelled(target, C, ds.ignore_index)
         codes, counts = np.unique(lab[valid] * C + target[valid], return_counts=True)
         np.add.at(conf, codes, counts)
         if args.gallery:
@@ -91,9 +91,20 @@ def evaluate_unsupervised(seg, ds: SegDataset, samples: Sequence[Sample], args) 
 
 
 def linear_probe(seg, fit: SegDataset, ds: SegDataset, samples: Sequence[Sample], per_image: int = 1000, seed: int = 0) -> ConfusionMatrix:
-    """STEGO's linear probe: fit a linear classifier on the head's codes of up to ``per_image``
-    random labelled pixels of every image of ``fit`` (its labels are read: a report of how much of
-    the classes the code space holds, not an unsupervised result), then score it on ``samples``."""
+    """STEGO's linear probe: a linear classifier fitted on the head's codes of random labelled pixels
+    of every image of ``fit`` (their labels are read: a report of how much of the classes the code
+    space holds, not an unsupervised result), then scored on ``samples``.
+
+    Args:
+        seg: a ``Segmenter`` whose weights have a STEGO head.
+        fit: the dataset the probe is fitted on (never the evaluated images).
+        ds: the evaluated dataset (its classes, ignore label and targets).
+        samples: the evaluated images of ``ds``.
+        per_image: labelled pixels drawn from each image of ``fit`` (all when it has fewer).
+        seed: seeds the pixel draw and the probe.
+
+    Returns the probe's confusion matrix over ``samples``.
+    """
     import torch
     from tqdm import tqdm
 
@@ -102,12 +113,14 @@ def linear_probe(seg, fit: SegDataset, ds: SegDataset, samples: Sequence[Sample]
     C, gen = ds.num_classes, torch.Generator().manual_seed(seed)
     codes, labels = [], []
     for s in tqdm(fit.samples, desc="probe codes", unit="img", dynamic_ncols=True):
-        target = torch.from_numpy(fit.load_target(s).astype(np.int64))
-        ys, xs = torch.nonzero((target != fit.ignore_index) & (target >= 0) & (target < C), as_tuple=True)
+        target, rgb = fit.load_target(s), read_rgb(s.image)
+        check_size(s, rgb[..., 0], target)
+        target = torch.from_numpy(target.astype(np.int64))
+        ys, xs = torch.nonzero(labelled(target, C, fit.ignore_index), as_tuple=True)
         pick = torch.randperm(len(ys), generator=gen)[:per_image]
-        codes.append(pixel_codes(seg, read_rgb(s.image), ys[pick], xs[pick]))
+        codes.append(pixel_codes(seg, rgb, ys[pick], xs[pick]))
         labels.append(target[ys[pick], xs[pick]])
-    probe = fit_linear_probe(torch.cat(codes), torch.cat(labels), C, fit.ignore_index, seed=seed)
+    probe = fit_linear_probe(torch.cat(codes), torch.cat(labels), C, seed=seed)
     cm = ConfusionMatrix(C, ignore_index=ds.ignore_index)
     for s in tqdm(samples, desc="probe", unit="img", dynamic_ncols=True):
         target = ds.load_target(s)

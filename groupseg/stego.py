@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .optim import build_optimizer
+
 FEATURES = ("tokens", "joint", "both")  # stage-1 patch tokens, their joint-space projection, both
 
 
@@ -249,25 +251,27 @@ def fit_cluster_probe(batches: Iterable[torch.Tensor], k: int, epochs: int = 2, 
 
 
 # ----------------------------------------------------------------------------- linear probe
-def fit_linear_probe(
-    codes: torch.Tensor, labels: torch.Tensor, num_classes: int, ignore_index: int = 255, steps: int = 300, lr: float = 0.05, seed: int = 0
-) -> nn.Linear:
+def fit_linear_probe(codes: torch.Tensor, labels: torch.Tensor, num_classes: int, steps: int = 300, lr: float = 0.05,
+                     seed: int = 0) -> nn.Linear:
     """A linear classifier over codes (N, D) -> classes, for reporting how much a code space holds
     (STEGO's linear probe; ``probe_label_map`` applies it to an image).
 
     Args:
-        codes: (N, D) codes of a sample of pixels (``pixel_codes``), used as they are.
-        labels: (N,) classes, ``ignore_index`` and values outside 0..num_classes-1 skipped.
+        codes: (N, D) codes of labelled pixels (``pixel_codes``), used as they are.
+        labels: (N,) their classes, each in 0..num_classes-1.
         num_classes: classes.
         steps: full-batch Adam steps on the cross-entropy.
-    """
-    torch.manual_seed(seed)
-    keep = (labels != ignore_index) & (labels >= 0) & (labels < num_classes)
-    if not keep.any():
-        raise ValueError("no labelled pixels to fit the linear probe on")
-    x, y = codes[keep].float(), labels[keep].long()
-    from .optim import build_optimizer
+        lr: Adam's learning rate.
+        seed: seeds the classifier's initialisation.
 
+    Raises a one-line ``ValueError`` when there is no pixel or a label is out of range.
+    """
+    if len(labels) == 0:
+        raise ValueError("no labelled pixels to fit the linear probe on")
+    if labels.min() < 0 or labels.max() >= num_classes:
+        raise ValueError(f"linear probe labels must lie in 0..{num_classes - 1} (got {int(labels.min())}..{int(labels.max())})")
+    torch.manual_seed(seed)
+    x, y = codes.float(), labels.long()
     probe = nn.Linear(x.shape[1], num_classes)
     opt = build_optimizer([{"params": list(probe.parameters()), "weight_decay": 0.0}], lr)
     for _ in range(steps):
@@ -339,7 +343,13 @@ def stego_label_map(segmenter, image, centres: torch.Tensor, temperature: float 
 def pixel_codes(segmenter, image, ys: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
     """(n, dim) codes at pixels (``ys``, ``xs``) of the image at its own size: the head's patch-grid
     codes interpolated there exactly as a bilinear upsampling of the whole map to the image would
-    give them (no refinement), without building that map."""
+    give them (no refinement), without building that map.
+
+    Args:
+        segmenter: a ``Segmenter`` whose weights have a STEGO head (its short side and device are used).
+        image: a path, PIL image or (H, W, 3) uint8 array.
+        ys, xs: (n,) pixel rows and columns at the image's own size.
+    """
     img, px = _pixels(segmenter, image)
     codes, _ = dense_codes(segmenter.model, px)
     gx = (xs.float() + 0.5) / img.width * 2 - 1  # pixel centres in grid_sample's [-1, 1] (align_corners=False)
@@ -351,7 +361,13 @@ def pixel_codes(segmenter, image, ys: torch.Tensor, xs: torch.Tensor) -> torch.T
 @torch.no_grad()
 def probe_label_map(segmenter, image, probe: nn.Linear) -> torch.Tensor:
     """(H, W) class per pixel at the image's own size: ``probe`` on the bilinearly upsampled codes
-    (computed on the patch grid and upsampled, which is the same: the probe is linear)."""
+    (computed on the patch grid and upsampled, which is the same: the probe is linear).
+
+    Args:
+        segmenter: a ``Segmenter`` whose weights have a STEGO head.
+        image: a path, PIL image or (H, W, 3) uint8 array.
+        probe: from ``fit_linear_probe``.
+    """
     from .transforms import resize_bilinear_argmax
 
     img, px = _pixels(segmenter, image)

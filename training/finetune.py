@@ -71,11 +71,10 @@ from groupseg.loss.segmentation import (
     tag_scores,
     triplet_loss,
 )
+from groupseg.optim import build_optimizer, decay_groups
 
 from .checkpoint import latest_checkpoint, read_state, save_checkpoint
 from .config import FinetuneConfig
-from groupseg.optim import build_optimizer, decay_groups
-
 from .engine import MetricsWriter, choose_checkpoint, export_weights, warmup_cosine
 from .finetune_data import (
     LabelledImages,

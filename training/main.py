@@ -22,15 +22,13 @@ import torch
 
 import groupseg
 from groupseg.loss import MultiLabelContrastiveLoss
-from groupseg.precision import resolve_precision
-
 from groupseg.dataclass_cli import add_dataclass_args
+from groupseg.optim import build_optimizer as adamw
+from groupseg.optim import decay_groups
+from groupseg.precision import resolve_precision
 
 from .checkpoint import latest_checkpoint, read_state, save_checkpoint
 from .config import TrainConfig, load_config, parse_overrides
-from groupseg.optim import build_optimizer as adamw
-from groupseg.optim import decay_groups
-
 from .engine import MetricsWriter, choose_checkpoint, export_weights, warmup_cosine
 
 log = logging.getLogger("groupseg.train")
