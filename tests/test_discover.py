@@ -401,7 +401,8 @@ def test_eval_reports_the_linear_probe_fitted_on_another_split(tiny_weights, tmp
     out = tmp_path / "out"
     assert _discover(tiny_weights, photos, out, "--clusters", "3", "--self-train-rounds", "0") == 0
     root = tmp_path / "camvid"
-    for split, names in (("train", [f"p{i}.png" for i in range(5)]), ("val", [f"p{i}.png" for i in range(5, 8)])):
+    for split, names in (("train", [f"p{i}.png" for i in range(5)]), ("val", [f"p{i}.png" for i in range(5, 8)]),
+                         ("p1only", ["p1.png"])):  # a split of one "sequence"
         (root / split).mkdir(parents=True)
         (root / f"{split}annot").mkdir()
         for n in names:
@@ -423,7 +424,8 @@ def test_eval_reports_the_linear_probe_fitted_on_another_split(tiny_weights, tmp
     assert r["num_images"] == 1 and r["settings"]["linear_probe"]["fit_images"] == 4
     for extra, msg in ((["--linear-probe", "val"], "would fit on the evaluated images"),
                        (["--linear-probe", "test"], "testannot"),
-                       (["--linear-probe", "train", "--protocol", "groupseg"], "applies to --protocol unsupervised")):
+                       (["--linear-probe", "train", "--protocol", "groupseg"], "applies to --protocol unsupervised"),
+                       (["--split", "train", "--holdout-sequence", "p1", "--linear-probe", "p1only"], "no images left to fit on")):
         capsys.readouterr()
         assert main(base + extra) == 2
         err = capsys.readouterr().err.strip()
