@@ -65,11 +65,23 @@ def test_median_frequency_weights_by_hand():
     f = np.array([4 / 7, 1 / 4, 2 / 3])  # pixels / pixels of the images where the class appears
     np.testing.assert_allclose(w[:3].numpy(), np.median(f) / f, rtol=1e-6)
     assert w[3] == 1.0  # never seen: no pixel of it reaches the loss anyway
+    soft = FD.median_frequency_weights([a, b], 4, power=0.5)  # the square root: same order, smaller spread
+    np.testing.assert_allclose(soft[:3].numpy(), np.sqrt(np.median(f) / f), rtol=1e-6)
     rare = np.zeros((10, 10), np.int64)
     rare[0, 0] = 1
     assert FD.median_frequency_weights([rare], 2, max_weight=10.0)[1] == 10.0  # capped
     # hidden weak pixels are IGNORE before counting: they never shape the weights either
     assert FD.median_frequency_weights([FD.hide_classes(a, [1])], 2)[1] == 1.0
+
+
+def test_class_weight_choices_reach_the_loss(tiny_weights, tmp_path):
+    root = make_camvid_train(tmp_path / "camvid")
+    w = {c: FT.Finetuner(cfg_for(tmp_path, tiny_weights, root, class_weights=c)).class_weights
+         for c in ("median-freq", "sqrt-median-freq", "none")}
+    assert w["none"] is None
+    seen = w["median-freq"] != 1.0  # classes the written labels contain
+    assert seen.sum() >= 2 and w["median-freq"].max() > 1.0
+    torch.testing.assert_close(w["sqrt-median-freq"], w["median-freq"].sqrt())
 
 
 def test_loader_hides_weak_pixels_and_keeps_their_tags(tiny_weights, tmp_path):

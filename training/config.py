@@ -124,7 +124,7 @@ class FinetuneConfig:
     lr: float = 1e-3  # classifier and projection head
     backbone_lr_mult: float = 0.3  # the vision tower learns at lr * this
     weight_decay: float = 0.01  # on weight matrices (norms, biases, scales, tokens take none)
-    class_weights: Literal["median-freq", "none"] = "median-freq"  # per-pixel loss balancing (SegNet's median frequency)
+    class_weights: Literal["median-freq", "sqrt-median-freq", "none"] = "median-freq"  # per-pixel loss balancing (SegNet's median frequency, or its square root)
     grouping_loss: Literal["soft", "hard"] = "hard"  # per-pixel loss on the soft group mixture, or on each patch's argmax group (straight-through)
     assign_scale: float = 50.0  # > 0: learnable multiplier of the grouping logits, starting here (sharpens flat assignments)
     assign_noise: bool = False  # Gumbel noise in the grouping assignment while training

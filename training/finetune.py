@@ -132,9 +132,10 @@ class Finetuner:
         self.step, self.epoch, self.samples_read = 0, 0, 0
         self.data = LabelledImages(self.ds, self.subset, cfg, self.hidden, model.cfg.image_mean, model.cfg.image_std)
         self.class_weights = None
-        if cfg.class_weights == "median-freq":  # from the visible labels of the subset (hidden weak classes excluded)
+        if cfg.class_weights != "none":  # from the visible labels of the subset (hidden weak classes excluded)
             maps = (hide_classes(vocab_targets(self.ds, self.ds.samples[i]), self.hidden) for i in self.subset)
-            self.class_weights = median_frequency_weights(maps, len(self.labels))
+            power = 0.5 if cfg.class_weights == "sqrt-median-freq" else 1.0
+            self.class_weights = median_frequency_weights(maps, len(self.labels), power=power)
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.epochs, self.mix_epochs = cfg.epochs, 0
 
@@ -306,7 +307,7 @@ class Finetuner:
         total = steps_per_epoch * self.epochs
         log.info("%d labelled images, %d epochs of %d steps", len(self.subset), self.epochs, steps_per_epoch)
         if self.class_weights is not None:
-            log.info("class weights (median frequency): %s",
+            log.info("class weights (%s): %s", cfg.class_weights,
                      ", ".join(f"{n} {w:.2f}" for n, w in zip(self.labels, self.class_weights.tolist())))
         sched = warmup_cosine(opt, total, int(cfg.warmup_epochs * steps_per_epoch))
         self.head, opt = acc.prepare(self.head, opt)
