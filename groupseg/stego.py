@@ -149,10 +149,18 @@ def attach_head(model: nn.Module, feature: str, dim: int, clusters: int) -> Steg
 
 
 @torch.no_grad()
-def code_map(model: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
-    """(B, 3, H, W) -> (B, code_dim, h, w) unit codes of ``model``'s STEGO head on the patch grid."""
-    head = model.stego
-    return F.normalize(head(dense_features(model, pixels, model.cfg.stego["feature"])), dim=1)
+def code_map(model: nn.Module, pixels: torch.Tensor, *, joint: bool = False):
+    """(B, 3, H, W) -> (B, code_dim, h, w) unit codes of ``model``'s STEGO head on the patch grid;
+    with ``joint``, the pair (codes, unit joint-space features (B, D, h, w)) from one backbone pass."""
+    if getattr(model, "stego", None) is None:
+        raise ValueError("these weights have no STEGO head: train one with groupseg discover")
+    tokens, (h, w) = first_stage_tokens(model, pixels)
+
+    def grid(x: torch.Tensor) -> torch.Tensor:  # (B, N, C) -> (B, C, h, w)
+        return x.transpose(1, 2).reshape(x.shape[0], -1, h, w)
+
+    codes = F.normalize(model.stego(grid(features_from_tokens(model, tokens, model.cfg.stego["feature"]))), dim=1)
+    return (codes, grid(features_from_tokens(model, tokens, "joint"))) if joint else codes
 
 
 # ----------------------------------------------------------------------------- neighbours
@@ -283,18 +291,6 @@ def fit_linear_probe(codes: torch.Tensor, labels: torch.Tensor, num_classes: int
 
 # ----------------------------------------------------------------------------- inference
 @torch.no_grad()
-def dense_codes(model: nn.Module, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Unit codes (B, code_dim, h, w) of ``model``'s STEGO head and unit joint-space features (B, D, h, w)."""
-    if getattr(model, "stego", None) is None:
-        raise ValueError("these weights have no STEGO head: train one with groupseg discover")
-    tokens, (h, w) = first_stage_tokens(model, pixels)
-    feats = features_from_tokens(model, tokens, model.cfg.stego["feature"])
-    codes = model.stego(feats.transpose(1, 2).reshape(feats.shape[0], -1, h, w))
-    joint = features_from_tokens(model, tokens, "joint").transpose(1, 2).reshape(feats.shape[0], -1, h, w)
-    return F.normalize(codes, dim=1), joint
-
-
-@torch.no_grad()
 def cluster_scores(codes: torch.Tensor, centres: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """(B, dim, h, w) unit codes -> (B, K, H, W) cosine to (K, dim) centres, bilinearly upsampled to ``size``.
 
@@ -314,13 +310,16 @@ def cluster_refinement(segmenter) -> str:
     return (segmenter.model.cfg.stego or {}).get("refine", "")
 
 
-def _pixels(segmenter, image):
+def _image_codes(segmenter, image, joint: bool = False):
+    """A path, PIL image or uint8 array -> (the PIL image, its (1, 3, h, w) pixels at the segmenter's
+    short side, ``code_map`` of them: their (1, dim, h', w') codes, or with ``joint`` (codes, joint))."""
     from .transforms import load_image, target_size, to_tensor
 
     img = load_image(image)
     cfg = segmenter.cfg
     h, w = target_size(img.height, img.width, segmenter.short_side, cfg.vision.patch_size)
-    return img, to_tensor(img, (h, w), cfg.image_mean, cfg.image_std)[None].to(segmenter.device)
+    px = to_tensor(img, (h, w), cfg.image_mean, cfg.image_std)[None].to(segmenter.device)
+    return img, px, code_map(segmenter.model, px, joint=joint)
 
 
 @torch.no_grad()
@@ -329,8 +328,7 @@ def stego_label_map(segmenter, image, centres: torch.Tensor, temperature: float 
     refined by PAMR as ``cluster_refinement`` says."""
     from .transforms import resize_nearest
 
-    img, px = _pixels(segmenter, image)
-    codes, _ = dense_codes(segmenter.model, px)
+    img, px, codes = _image_codes(segmenter, image)
     scores = cluster_scores(codes, centres, tuple(px.shape[-2:]))
     if cluster_refinement(segmenter) == "pamr":
         from .refine import pamr
@@ -350,8 +348,7 @@ def pixel_codes(segmenter, image, ys: torch.Tensor, xs: torch.Tensor) -> torch.T
         image: a path, PIL image or (H, W, 3) uint8 array.
         ys, xs: (n,) pixel rows and columns at the image's own size.
     """
-    img, px = _pixels(segmenter, image)
-    codes, _ = dense_codes(segmenter.model, px)
+    img, px, codes = _image_codes(segmenter, image)
     gx = (xs.float() + 0.5) / img.width * 2 - 1  # pixel centres in grid_sample's [-1, 1] (align_corners=False)
     gy = (ys.float() + 0.5) / img.height * 2 - 1
     grid = torch.stack([gx, gy], -1).view(1, 1, -1, 2).to(codes)
@@ -370,8 +367,7 @@ def probe_label_map(segmenter, image, probe: nn.Linear) -> torch.Tensor:
     """
     from .transforms import resize_bilinear_argmax
 
-    img, px = _pixels(segmenter, image)
-    codes, _ = dense_codes(segmenter.model, px)
+    img, px, codes = _image_codes(segmenter, image)
     w, b = probe.weight.to(codes), probe.bias.to(codes)
     logits = torch.einsum("dhw,cd->chw", codes[0], w) + b[:, None, None]
     return resize_bilinear_argmax(logits.cpu(), (img.height, img.width))
@@ -385,7 +381,7 @@ def stego_centres(segmenter, images, k: int, seed: int = 0) -> torch.Tensor:
         return head.centres
     km = MiniBatchKMeans(k, seed)
     for image in images:
-        codes, _ = dense_codes(segmenter.model, _pixels(segmenter, image)[1])
+        codes = _image_codes(segmenter, image)[2]
         km.update(codes[0].flatten(1).T)
     if km.centres is None:
         raise ValueError("no images to cluster")
@@ -409,8 +405,7 @@ def stego_segment(segmenter, image, k: int, vocab=None, *, seed: int = 0):
 
     t0 = time.perf_counter()
     vocab = default_naming_vocab() if vocab is None else normalize_vocab(vocab)
-    img, px = _pixels(segmenter, image)
-    codes, joint = dense_codes(segmenter.model, px)
+    img, px, (codes, joint) = _image_codes(segmenter, image, joint=True)
     head, n = segmenter.model.stego, codes.shape[-2] * codes.shape[-1]
     if k < 2 or (k > n and head.centres.shape[0] != k):
         raise ValueError(f"the number of clusters must be between 2 and the image's {n} feature pixels (got {k})")

@@ -216,10 +216,13 @@ def test_discover_output_loads_with_load_model(tiny_weights, tmp_path):
     assert (tmp_path / "out" / "checkpoints" / "head.pt").is_file()
     record = json.loads((tmp_path / "out" / "discover.json").read_text())
     assert record["config"]["clusters"] == 3
-    from groupseg.stego import code_map
+    from groupseg.stego import code_map, dense_features
 
-    codes = code_map(model, torch.zeros(1, 3, 32, 48))
+    px = torch.randn(1, 3, 32, 48)
+    codes = code_map(model, px)
     assert codes.shape == (1, 70, 4, 6)
+    same, joint = code_map(model, px, joint=True)  # one backbone pass for both: the same codes, the joint features
+    assert torch.equal(same, codes) and torch.allclose(joint, dense_features(model, px, "joint"))
 
 
 def test_discover_bad_input_is_one_line(tiny_weights, tmp_path, capsys):
@@ -324,7 +327,7 @@ def test_self_training_with_the_backbone_moves_it_and_resumes(tiny_weights, tmp_
 
 
 def test_flipped_teacher_labels_average_each_crop_with_its_mirror_image(tiny_weights, tmp_path):
-    from groupseg.stego import cluster_scores, dense_codes
+    from groupseg.stego import cluster_scores, code_map
     from groupseg.training.selftrain import UPSAMPLE, teacher_targets
     from groupseg.training.stego_train import FeatureCache, crop_pixels
 
@@ -342,7 +345,7 @@ def test_flipped_teacher_labels_average_each_crop_with_its_mirror_image(tiny_wei
     side = UPSAMPLE * cache.grid
     for i, path in enumerate(cache.meta["images"]):
         px = crop_pixels(model, path, 32, 0.5)
-        probs = [(cluster_scores(dense_codes(model, x)[0], model.stego.centres, (32, 32)) / 0.1).softmax(1) for x in (px, px.flip(-1))]
+        probs = [(cluster_scores(code_map(model, x), model.stego.centres, (32, 32)) / 0.1).softmax(1) for x in (px, px.flip(-1))]
         top = F.adaptive_avg_pool2d((probs[0] + probs[1].flip(-1)) / 2, side).topk(2, dim=1)
         want_lab, want_m = top.indices[:, 0], top.values[:, 0] - top.values[:, 1]
         got_lab, got_m = torch.from_numpy(labels[5 * i : 5 * i + 5]).long(), torch.from_numpy(marg[5 * i : 5 * i + 5].astype(np.float32))
@@ -369,14 +372,14 @@ def test_linear_probe_recovers_a_linearly_separable_labelling_on_unseen_points()
 
 
 def test_probe_reads_the_codes_bilinear_upsampling_would_give(tiny_weights, tmp_path):
-    from groupseg.stego import _pixels, dense_codes, fit_linear_probe, pixel_codes, probe_label_map
+    from groupseg.stego import _image_codes, fit_linear_probe, pixel_codes, probe_label_map
 
     photos = _photos(tmp_path / "photos")
     out = tmp_path / "out"
     assert _discover(tiny_weights, photos, out, "--clusters", "3", "--self-train-rounds", "0") == 0
     seg = groupseg.Segmenter.from_pretrained(out, short_side=32, templates="simple")
     img = np.asarray(Image.open(photos / "p1.png"))  # 48 x 64: the codes' grid is 2 x 2 at short side 32
-    codes, _ = dense_codes(seg.model, _pixels(seg, img)[1])
+    codes = _image_codes(seg, img)[2]
     up = F.interpolate(codes, size=(48, 64), mode="bilinear", align_corners=False)[0]  # (dim, 48, 64)
     ys, xs = torch.tensor([0, 0, 47, 23, 24, 11, 47]), torch.tensor([0, 63, 63, 31, 32, 5, 0])
     assert torch.allclose(pixel_codes(seg, img, ys, xs), up[:, ys, xs].T, atol=1e-5)
