@@ -72,9 +72,14 @@ def features_from_tokens(model: nn.Module, tokens: torch.Tensor, feature: str = 
     return joint if feature == "joint" else torch.cat([F.normalize(tokens, dim=-1), joint], dim=-1)
 
 
-@torch.no_grad()
+def to_grid(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """(B, h * w, C) token features -> (B, C, h, w) maps."""
+    return x.transpose(1, 2).reshape(x.shape[0], -1, h, w)
+
+
 def dense_features(model: nn.Module, pixels: torch.Tensor, feature: str = "tokens") -> torch.Tensor:
-    """The frozen backbone's dense features (B, C, h, w) on the patch grid.
+    """The backbone's dense features (B, C, h, w) on the patch grid (differentiable: callers that
+    do not train the backbone run it under ``torch.no_grad``).
 
     Args:
         model: a GroupViT.
@@ -84,8 +89,7 @@ def dense_features(model: nn.Module, pixels: torch.Tensor, feature: str = "token
     """
     check_feature(model, feature)
     tokens, (h, w) = first_stage_tokens(model, pixels)
-    x = features_from_tokens(model, tokens, feature)  # (B, N, C)
-    return x.transpose(1, 2).reshape(x.shape[0], -1, h, w)
+    return to_grid(features_from_tokens(model, tokens, feature), h, w)
 
 
 # ----------------------------------------------------------------------------- head
@@ -155,12 +159,8 @@ def code_map(model: nn.Module, pixels: torch.Tensor, *, joint: bool = False):
     if getattr(model, "stego", None) is None:
         raise ValueError("these weights have no STEGO head: train one with groupseg discover")
     tokens, (h, w) = first_stage_tokens(model, pixels)
-
-    def grid(x: torch.Tensor) -> torch.Tensor:  # (B, N, C) -> (B, C, h, w)
-        return x.transpose(1, 2).reshape(x.shape[0], -1, h, w)
-
-    codes = F.normalize(model.stego(grid(features_from_tokens(model, tokens, model.cfg.stego["feature"]))), dim=1)
-    return (codes, grid(features_from_tokens(model, tokens, "joint"))) if joint else codes
+    codes = F.normalize(model.stego(to_grid(features_from_tokens(model, tokens, model.cfg.stego["feature"]), h, w)), dim=1)
+    return (codes, to_grid(features_from_tokens(model, tokens, "joint"), h, w)) if joint else codes
 
 
 # ----------------------------------------------------------------------------- neighbours

@@ -152,7 +152,7 @@ def fit_student(model, student: StegoHead, cache, targets, centres: torch.Tensor
     otherwise the student reads the feature cache."""
     from tqdm import tqdm
 
-    from groupseg.stego import features_from_tokens, first_stage_tokens
+    from groupseg.stego import dense_features
 
     labels, marg, thresholds = targets
     side, feature, device = labels.shape[-1], model.cfg.stego["feature"], centres.device
@@ -169,8 +169,7 @@ def fit_student(model, student: StegoHead, cache, targets, centres: torch.Tensor
             if backbone:  # a few photos, all their crops
                 imgs = torch.randperm(len(cache) // 5, generator=gen)[:n_img].numpy()
                 idx = (imgs[:, None] * 5 + np.arange(5)).reshape(-1)
-                tokens, (h, w) = first_stage_tokens(model, _crop_batch(model, cache, idx).to(device))
-                f = features_from_tokens(model, tokens, feature).transpose(1, 2).reshape(len(idx), -1, h, w)
+                f = dense_features(model, _crop_batch(model, cache, idx).to(device), feature)
             else:
                 idx = np.sort(torch.randint(len(cache), (cfg.batch_size,), generator=gen).numpy())
                 f = cache.features(model, idx, feature)  # (B, C, g, g)

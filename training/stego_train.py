@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from groupseg.loss import correspondence_loss
 from groupseg.optim import build_optimizer
-from groupseg.stego import MiniBatchKMeans, StegoHead, features_from_tokens, first_stage_tokens
+from groupseg.stego import MiniBatchKMeans, StegoHead, features_from_tokens, first_stage_tokens, to_grid
 
 if TYPE_CHECKING:
     from .config import DiscoverConfig
@@ -95,7 +95,7 @@ class FeatureCache:
         """(B, C, g, g) dense features of items ``idx``."""
         with torch.no_grad():
             x = features_from_tokens(model, self.token_batch(idx, model.logit_scale.device), feature)
-        return x.transpose(1, 2).reshape(x.shape[0], -1, self.grid, self.grid)
+        return to_grid(x, self.grid, self.grid)
 
     def chunks(self, size: int, gen: torch.Generator | None = None) -> Iterator[np.ndarray]:
         """Item indices in chunks of ``size`` (shuffled when ``gen`` is given, sorted within a chunk)."""
