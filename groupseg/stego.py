@@ -153,7 +153,7 @@ def attach_head(model: nn.Module, feature: str, dim: int, clusters: int) -> Steg
 
 
 @torch.no_grad()
-def code_map(model: nn.Module, pixels: torch.Tensor, *, joint: bool = False):
+def code_map(model: nn.Module, pixels: torch.Tensor, *, joint: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """(B, 3, H, W) -> (B, code_dim, h, w) unit codes of ``model``'s STEGO head on the patch grid;
     with ``joint``, the pair (codes, unit joint-space features (B, D, h, w)) from one backbone pass."""
     if getattr(model, "stego", None) is None:

@@ -69,18 +69,18 @@ def test_median_frequency_weights_by_hand():
     np.testing.assert_allclose(soft[:3].numpy(), np.sqrt(np.median(f) / f), rtol=1e-6)
     rare = np.zeros((10, 10), np.int64)
     rare[0, 0] = 1
-    assert FD.median_frequency_weights([rare], 2, max_weight=10.0)[1] == 10.0  # capped
+    assert FD.median_frequency_weights([rare], 2, max_weight=10.0)[1] == 10.0  # capped (50 uncapped)
+    assert FD.median_frequency_weights([rare], 2, max_weight=10.0, power=0.5)[1] == pytest.approx(10.0 ** 0.5)  # root of the capped
     # hidden weak pixels are IGNORE before counting: they never shape the weights either
     assert FD.median_frequency_weights([FD.hide_classes(a, [1])], 2)[1] == 1.0
 
 
-def test_class_weight_choices_reach_the_loss(tiny_weights, tmp_path):
+def test_class_weight_choices_give_the_weights_they_name(tiny_weights, tmp_path):
     root = make_camvid_train(tmp_path / "camvid")
     w = {c: FT.Finetuner(cfg_for(tmp_path, tiny_weights, root, class_weights=c)).class_weights
          for c in ("median-freq", "sqrt-median-freq", "none")}
     assert w["none"] is None
-    seen = w["median-freq"] != 1.0  # classes the written labels contain
-    assert seen.sum() >= 2 and w["median-freq"].max() > 1.0
+    assert w["median-freq"].max() > 1.0 > w["median-freq"].min()  # a real spread, so the roots differ from them
     torch.testing.assert_close(w["sqrt-median-freq"], w["median-freq"].sqrt())
 
 

@@ -74,12 +74,13 @@ def hide_classes(target: np.ndarray, hidden: Sequence[int]) -> np.ndarray:
 
 def median_frequency_weights(targets: Sequence[np.ndarray], num_classes: int, max_weight: float = 10.0,
                              power: float = 1.0) -> torch.Tensor:
-    """SegNet's median frequency balancing: ``w_c = (median(f) / f_c) ** power``.
+    """SegNet's median frequency balancing: ``w_c = min(median(f) / f_c, max_weight) ** power``.
 
     ``f_c`` is class c's pixels over the pixels of the images in which c appears (``IGNORE``
     excluded). Classes never seen get weight 1 (no pixel of theirs reaches the loss); weights
     are capped at ``max_weight`` so that a class seen in a few pixels of one image cannot take
-    over a small subset. ``power`` 0.5 softens the balance (rare classes still gain, but less).
+    over a small subset. ``power`` 0.5 softens the balance (rare classes still gain, but less):
+    it gives the square roots of the ``power`` 1 weights, cap included.
     """
     pix = np.zeros(num_classes)
     denom = np.zeros(num_classes)
@@ -92,7 +93,7 @@ def median_frequency_weights(targets: Sequence[np.ndarray], num_classes: int, ma
     w = np.ones(num_classes)
     if seen.any():
         f = pix[seen] / denom[seen]
-        w[seen] = np.minimum((np.median(f) / f) ** power, max_weight)
+        w[seen] = np.minimum(np.median(f) / f, max_weight) ** power
     return torch.tensor(w, dtype=torch.float32)
 
 

@@ -161,8 +161,7 @@ def code_batches(model, head: StegoHead, cache: FeatureCache, gen: torch.Generat
     for chunk in cache.chunks(size, gen):
         tokens = cache.token_batch(chunk, model.logit_scale.device)
         feats = features_from_tokens(model, tokens, feature)  # (n, g*g, C)
-        g = cache.grid
-        codes = head(feats.transpose(1, 2).reshape(len(chunk), -1, g, g)).flatten(2).transpose(1, 2)  # (n, g*g, dim)
+        codes = head(to_grid(feats, cache.grid, cache.grid)).flatten(2).transpose(1, 2)  # (n, g*g, dim)
         yield F.normalize(codes.reshape(-1, codes.shape[-1]), dim=-1), tokens, chunk
 
 
