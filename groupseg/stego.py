@@ -373,11 +373,16 @@ def probe_label_map(segmenter, image, probe: nn.Linear) -> torch.Tensor:
     return resize_bilinear_argmax(logits.cpu(), (img.height, img.width))
 
 
+def _keeps_centres(head: StegoHead, k: int) -> bool:
+    """Whether the head stores ``k`` fitted centres (the zero init means none were fitted)."""
+    return head.centres.shape[0] == k and bool(head.centres.abs().sum() > 0)
+
+
 @torch.no_grad()
 def stego_centres(segmenter, images, k: int, seed: int = 0) -> torch.Tensor:
     """The head's stored centres when it keeps ``k``; else mini-batch k-means over the codes of ``images``."""
     head = segmenter.model.stego
-    if head.centres.shape[0] == k and head.centres.abs().sum() > 0:
+    if _keeps_centres(head, k):
         return head.centres
     km = MiniBatchKMeans(k, seed)
     for image in images:
@@ -409,7 +414,7 @@ def stego_segment(segmenter, image, k: int, vocab=None, *, seed: int = 0):
     head, n = segmenter.model.stego, codes.shape[-2] * codes.shape[-1]
     if k < 2 or (k > n and head.centres.shape[0] != k):
         raise ValueError(f"the number of clusters must be between 2 and the image's {n} feature pixels (got {k})")
-    if head.centres.shape[0] == k and head.centres.abs().sum() > 0:
+    if _keeps_centres(head, k):
         centres, embeds = head.centres, head.centre_embeds
     else:
         flat = codes[0].flatten(1).T  # (n, dim)
