@@ -436,3 +436,53 @@ def test_crops_equal_resizing_the_whole_image_then_cropping(tiny_weights, tmp_pa
             got = (item["pixels"] * std + mean) * 255  # back to 0..255
             diff = (got - px.float()).abs()  # the same filter taps; fixed-point rounding differs by a level or two
             assert diff.max() <= 2.01 and diff.mean() < 0.25
+
+
+def _params_after_each_step(ft: FT.Finetuner) -> list[dict[str, torch.Tensor]]:
+    """Record ``ft``'s trainable parameters (by name, under ``model.``) after every optimizer step of its run."""
+    names = {id(p): n[len("model."):] for n, p in ft.head.named_parameters() if n.startswith("model.visual_proj.")}
+    seen: list[dict[str, torch.Tensor]] = []
+
+    def hook(opt, args, kwargs):
+        seen.append({names[id(p)]: p.detach().clone() for g in opt.param_groups for p in g["params"] if id(p) in names})
+
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    handle = register_optimizer_step_post_hook(hook)
+    try:
+        ft.fit()
+    finally:
+        handle.remove()
+    return seen
+
+
+def test_average_weights_exports_the_mean_of_the_last_steps_and_survives_resume(tiny_weights, tmp_path):
+    from safetensors.torch import load_file
+
+    root = make_camvid_train(tmp_path / "camvid")
+    # 3 steps an epoch, 8 epochs: checkpoints after steps 21 and 24; --average-weights 0.5 averages steps 13-24
+    plain = FT.Finetuner(cfg_for(tmp_path, tiny_weights, root, epochs=8, out=str(tmp_path / "plain")))
+    steps = _params_after_each_step(plain)
+    assert len(steps) == 24 and set(steps[0]) and all(s.keys() == steps[0].keys() for s in steps)
+    avg = FT.Finetuner(cfg_for(tmp_path, tiny_weights, root, epochs=8, out=str(tmp_path / "avg"), average_weights=0.5))
+    assert len(_params_after_each_step(avg)) == 24  # the same run: averaging never touches the trained weights
+    last, mean = load_file(str(tmp_path / "plain" / "model.safetensors")), load_file(str(tmp_path / "avg" / "model.safetensors"))
+    for name in steps[0]:
+        want = torch.stack([s[name] for s in steps[12:]]).mean(0)
+        assert torch.allclose(last[name], steps[-1][name]) and not torch.allclose(mean[name], steps[-1][name])
+        assert torch.allclose(mean[name], want, atol=1e-6), name
+    # the running average is part of every checkpoint: resuming from step 21 ends with the same export
+    ckpts = tmp_path / "avg" / "checkpoints"
+    import shutil
+
+    shutil.rmtree(ckpts / "ckpt-00000024")
+    (tmp_path / "avg" / "model.safetensors").unlink()
+    FT.Finetuner(cfg_for(tmp_path, tiny_weights, root, epochs=8, out=str(tmp_path / "avg"), average_weights=0.5, resume="auto")).fit()
+    again = load_file(str(tmp_path / "avg" / "model.safetensors"))
+    assert all(torch.allclose(again[n], mean[n], atol=1e-6) for n in steps[0])
+
+
+def test_average_weights_out_of_range_is_refused(tiny_weights, tmp_path):
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="--average-weights must be in"):
+            cfg_for(tmp_path, tiny_weights, tmp_path, average_weights=bad)

@@ -129,6 +129,7 @@ class FinetuneConfig:
     assign_scale: float = 50.0  # > 0: learnable multiplier of the grouping logits, starting here (sharpens flat assignments)
     assign_noise: bool = False  # Gumbel noise in the grouping assignment while training
     warmup_epochs: float = 1.0
+    average_weights: float = 0.0  # export the uniform average of the weights over this last fraction of the steps (SWA; 0 = the last weights)
     short_side: int = 448  # images are resized to this short side (times a random scale) ...
     scale_range: tuple[float, float] = (0.75, 1.5)  # ... the random scale's range
     color_jitter: float = 0.4  # photometric augmentation strength: brightness, contrast and saturation in [1 - s, 1 + s], hue +-s/8, blur half the time (0 = off; 0.4 chosen on a held-out sequence)
@@ -154,6 +155,8 @@ class FinetuneConfig:
             raise ValueError(f"--fraction must be in (0, 1], got {self.fraction}")
         if self.fraction and self.images >= 0:
             raise ValueError("--images and --fraction exclude each other: give one")
+        if not 0 <= self.average_weights < 1:
+            raise ValueError(f"--average-weights must be in [0, 1), got {self.average_weights}")
         if not 0 <= self.color_jitter <= 1:
             raise ValueError(f"--color-jitter must be in [0, 1], got {self.color_jitter}")
         for name in ("assign_scale", "comp_weight", "tag_weight", "comp_balance", "sim_weight", "weight_decay"):

@@ -138,6 +138,7 @@ class Finetuner:
             self.class_weights = median_frequency_weights(maps, len(self.labels), power=power)
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.epochs, self.mix_epochs = cfg.epochs, 0
+        self.average = None  # the running weight average (--average-weights), built in fit()
 
     # ------------------------------------------------------------------ pieces
     def build_optimizer(self) -> torch.optim.Optimizer:
@@ -252,8 +253,10 @@ class Finetuner:
         log.info("resumed from %s at epoch %d (step %d)", ckpt, self.epoch, self.step)
 
     def export(self) -> Path:
-        """Ordinary groupseg weights in ``out``: the model plus the tuned class rows."""
-        head = self.acc.unwrap_model(self.head)
+        """Ordinary groupseg weights in ``out``: the model plus the tuned class rows (the averaged
+        weights once ``--average-weights`` has started averaging, else the live ones)."""
+        averaging = self.average is not None and int(self.average.n_averaged) > 0
+        head = self.average.module if averaging else self.acc.unwrap_model(self.head)
         model = head.model
         cfg = model.cfg
         saved = (list(cfg.tuned_classes), list(cfg.tuned_owner), model.tuned_class_embeds, cfg.groupings, cfg.window)
@@ -312,6 +315,11 @@ class Finetuner:
         sched = warmup_cosine(opt, total, int(cfg.warmup_epochs * steps_per_epoch))
         self.head, opt = acc.prepare(self.head, opt)
         acc.register_for_checkpointing(sched)
+        if cfg.average_weights > 0:  # SWA's uniform average (Izmailov et al. 2018), kept in every checkpoint
+            from torch.optim.swa_utils import AveragedModel
+
+            self.average = AveragedModel(acc.unwrap_model(self.head))
+            acc.register_for_checkpointing(self.average)
         metrics = MetricsWriter(self.out / "metrics.jsonl", acc.is_main_process)
         if resume is not None:
             self._load(*resume, metrics)
@@ -325,6 +333,7 @@ class Finetuner:
         cfg, acc = self.cfg, self.acc
         head_group = [g.get("name") for g in opt.param_groups].index("head")  # the lr logged
         bar = tqdm(total=total, initial=self.step, desc="finetune", disable=not acc.is_main_process, dynamic_ncols=True)
+        average_from = total - int(round(cfg.average_weights * total))  # steps after this one are averaged
         t0 = time.time()
         while self.epoch < self.epochs:
             self._train_mode()
@@ -338,6 +347,8 @@ class Finetuner:
                 sched.step()
                 opt.zero_grad(set_to_none=True)
                 self.step += 1
+                if self.average is not None and self.step > average_from:
+                    self.average.update_parameters(acc.unwrap_model(self.head))
                 self.samples_read += len(batch["pixels"]) * acc.num_processes
                 bar.update(1)
                 if self.step % cfg.log_every == 0:
