@@ -54,7 +54,7 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int_range(0), default=None,
                    help="keep only each image's k most likely classes (0 = all; default: paper 5, groupseg 0)")
     p.add_argument("--short-side", type=int_range(1), default=None, help="groupseg protocol: resize the short side to this (default: 448)")
-    p.add_argument("--flip", action="store_true", help="groupseg protocol: average class scores with the mirrored image")
+    p.add_argument("--flip", action="store_true", help="groupseg protocol: average class scores with the mirrored image; unsupervised protocol (STEGO head): its cluster scores")
     p.add_argument("--groupings", type=int_range(1), default=None, metavar="N",
                    help="use only the first N grouping stages' segments (default: all; 1 = finer segments)")
     p.add_argument("--pamr", action=argparse.BooleanOptionalAction, default=None,
@@ -114,8 +114,8 @@ def run_eval(args: argparse.Namespace) -> int:
     vocab = vocabulary(ds, protocol, bool(args.vocab_file))
     if args.clusters and protocol != "unsupervised":
         raise ValueError("--clusters applies to --protocol unsupervised (for one image: groupseg segment --clusters K)")
-    if protocol == "unsupervised" and (args.flip or args.scales not in (None, "1")):
-        raise ValueError("--flip and --scales apply to the zero-shot protocols only")
+    if protocol == "unsupervised" and args.scales not in (None, "1"):
+        raise ValueError("--scales applies to the zero-shot protocols only")
     if args.linear_probe and protocol != "unsupervised":
         raise ValueError("--linear-probe applies to --protocol unsupervised")
     probe_fit = _probe_split(args, ds) if args.linear_probe else None
@@ -130,6 +130,8 @@ def run_eval(args: argparse.Namespace) -> int:
     seg, weights = make_segmenter(args, threshold, protocol)
     if probe_fit is not None and getattr(seg.model, "stego", None) is None:
         raise ValueError("--linear-probe needs weights with a STEGO head (from groupseg discover)")
+    if protocol == "unsupervised" and args.flip and getattr(seg.model, "stego", None) is None:
+        raise ValueError("--flip with --protocol unsupervised needs weights with a STEGO head (from groupseg discover)")
     if protocol == "unsupervised":
         cm, per_image, used = _unsupervised(args, seg, ds, samples, probe_fit)
     else:
@@ -153,7 +155,8 @@ def _unsupervised(args, seg, ds, samples, probe_fit):
 
     cm, per_image = evaluate_unsupervised(seg, ds, samples, args)
     used = {"protocol": "unsupervised", "clusters": args.clusters or ds.num_classes,
-            "refine": (cluster_refinement(seg) if getattr(seg.model, "stego", None) is not None else "") or "none"}
+            "refine": (cluster_refinement(seg) if getattr(seg.model, "stego", None) is not None else "") or "none",
+            "flip": bool(args.flip)}
     if probe_fit is not None:
         res = linear_probe(seg, probe_fit, ds, samples).compute()
         used["linear_probe"] = {"fit_split": args.linear_probe, "fit_images": len(probe_fit.samples),

@@ -18,11 +18,12 @@ from .report import _miou_of_pairs, image_miou
 from .zero_shot import check_size
 
 
-def _cluster_assigner(seg, samples: Sequence[Sample], K: int):
+def _cluster_assigner(seg, samples: Sequence[Sample], K: int, flip: bool = False):
     """Cluster centres over the dataset -> (``rgb -> (H, W) cluster index``, what was clustered).
 
     A model with a STEGO head (``groupseg discover``) clusters its codes (streamed mini-batch
-    k-means); any other clusters the segment embeddings of its last grouping stage.
+    k-means; ``flip`` averages each image's cluster scores with its mirror image's); any other
+    clusters the segment embeddings of its last grouping stage.
     """
     from tqdm import tqdm
 
@@ -32,7 +33,7 @@ def _cluster_assigner(seg, samples: Sequence[Sample], K: int):
         from groupseg.stego import stego_centres, stego_label_map
 
         centres = stego_centres(seg, (read_rgb(s.image) for s in tqdm(samples, desc="features", unit="img")), K)
-        return (lambda rgb: stego_label_map(seg, rgb, centres).numpy().astype(np.int64)), "the STEGO head's pixel codes"
+        return (lambda rgb: stego_label_map(seg, rgb, centres, flip=flip).numpy().astype(np.int64)), "the STEGO head's pixel codes"
     pool = Reservoir()
     for s in tqdm(samples, desc="features", unit="img", dynamic_ncols=True):
         f = group_features(seg, read_rgb(s.image))
@@ -52,7 +53,7 @@ def evaluate_unsupervised(seg, ds: SegDataset, samples: Sequence[Sample], args) 
 
     C = ds.num_classes
     K = args.clusters or C
-    clusters_of, what = _cluster_assigner(seg, samples, K)
+    clusters_of, what = _cluster_assigner(seg, samples, K, bool(args.flip))
 
     conf = np.zeros(K * C, dtype=np.int64)
     pairs: list[tuple[str, np.ndarray, np.ndarray]] = []  # per image: (stem, cluster * C + class, count), small

@@ -323,13 +323,17 @@ def _image_codes(segmenter, image, joint: bool = False):
 
 
 @torch.no_grad()
-def stego_label_map(segmenter, image, centres: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
-    """(H, W) cluster id per pixel at the image's own size: nearest centre of the upsampled codes,
-    refined by PAMR as ``cluster_refinement`` says."""
+def stego_label_map(segmenter, image, centres: torch.Tensor, temperature: float = 0.1, flip: bool = False) -> torch.Tensor:
+    """(H, W) cluster id per pixel at the image's own size: nearest centre of the upsampled codes
+    (with ``flip``, of the mean of the image's and its mirror image's scores), refined by PAMR as
+    ``cluster_refinement`` says."""
     from .transforms import resize_nearest
 
     img, px, codes = _image_codes(segmenter, image)
     scores = cluster_scores(codes, centres, tuple(px.shape[-2:]))
+    if flip:
+        mirrored = cluster_scores(code_map(segmenter.model, px.flip(-1)), centres, tuple(px.shape[-2:]))
+        scores = (scores + mirrored.flip(-1)) / 2
     if cluster_refinement(segmenter) == "pamr":
         from .refine import pamr
 

@@ -355,6 +355,47 @@ def test_flipped_teacher_labels_average_each_crop_with_its_mirror_image(tiny_wei
         assert sure.float().mean() > 0.5 and torch.equal(got_lab[sure], want_lab[sure])
 
 
+def test_flipped_cluster_maps_average_the_image_with_its_mirror_image(tiny_weights, tmp_path, capsys):
+    from groupseg.cli import main
+    from groupseg.stego import _image_codes, cluster_scores, code_map, stego_label_map
+    from groupseg.transforms import resize_nearest
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    rng = np.random.default_rng(5)
+    for i in range(3):  # left and right differ, so a mirrored score map that is not mirrored back would show
+        Image.fromarray(np.repeat(np.repeat(rng.integers(0, 255, (6, 8, 3), dtype=np.uint8), 8, 0), 8, 1)).save(photos / f"p{i}.png")
+    out = tmp_path / "out"
+    assert _discover(tiny_weights, photos, out, "--clusters", "3", "--self-train-rounds", "0") == 0
+    seg = groupseg.Segmenter.from_pretrained(out, short_side=48, refine="")
+    centres = seg.model.stego.centres
+    img = np.asarray(Image.open(photos / "p0.png"))
+    _, px, _ = _image_codes(seg, img)
+    size = tuple(px.shape[-2:])
+    mean = (cluster_scores(code_map(seg.model, px), centres, size) + cluster_scores(code_map(seg.model, px.flip(-1)), centres, size).flip(-1)) / 2
+    want = resize_nearest(mean[0].argmax(0), img.shape[:2])
+    got = stego_label_map(seg, img, centres, flip=True)
+    assert torch.equal(got, want)
+    assert not torch.equal(got, stego_label_map(seg, img, centres))  # the mirror image's scores do count
+    # symmetric: the flipped map of the mirror image is the mirror of the flipped map
+    assert (stego_label_map(seg, img[:, ::-1].copy(), centres, flip=True) == got.flip(-1)).float().mean() > 0.99
+    # the unsupervised eval takes --flip for a STEGO head, records it, and refuses it for other weights
+    root = tmp_path / "camvid"
+    (root / "val").mkdir(parents=True)
+    (root / "valannot").mkdir()
+    for p in sorted(photos.glob("*.png")):
+        Image.open(p).save(root / "val" / p.name)
+        Image.fromarray(np.zeros((48, 64), np.uint8)).save(root / "valannot" / p.name)
+    base = ["eval", "--dataset", "camvid", "--data-root", str(root), "--protocol", "unsupervised", "--clusters", "3",
+            "--short-side", "48", "--templates", "simple", "--device", "cpu", "--out", str(tmp_path / "r.json")]
+    assert main(base + ["--weights", str(out), "--flip"]) == 0
+    assert json.loads((tmp_path / "r.json").read_text())["settings"]["flip"] is True
+    capsys.readouterr()
+    assert main(base + ["--weights", str(tiny_weights), "--flip"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--flip" in err[0] and "STEGO head" in err[0]
+
+
 # ----------------------------------------------------------------------------- linear probe
 def test_linear_probe_recovers_a_linearly_separable_labelling_on_unseen_points():
     from groupseg.stego import fit_linear_probe
