@@ -54,7 +54,9 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int_range(0), default=None,
                    help="keep only each image's k most likely classes (0 = all; default: paper 5, groupseg 0)")
     p.add_argument("--short-side", type=int_range(1), default=None, help="groupseg protocol: resize the short side to this (default: 448)")
-    p.add_argument("--flip", action="store_true", help="groupseg protocol: average class scores with the mirrored image; unsupervised protocol (STEGO head): its cluster scores")
+    p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
+                   help="groupseg protocol: average class scores with the mirrored image (default: off); unsupervised protocol with "
+                   "a STEGO head: its cluster scores (default: the weights' own, on for groupseg discover's since 2026-12-02)")
     p.add_argument("--groupings", type=int_range(1), default=None, metavar="N",
                    help="use only the first N grouping stages' segments (default: all; 1 = finer segments)")
     p.add_argument("--pamr", action=argparse.BooleanOptionalAction, default=None,
@@ -130,7 +132,7 @@ def run_eval(args: argparse.Namespace) -> int:
     seg, weights = make_segmenter(args, threshold, protocol)
     if probe_fit is not None and getattr(seg.model, "stego", None) is None:
         raise ValueError("--linear-probe needs weights with a STEGO head (from groupseg discover)")
-    if protocol == "unsupervised" and args.flip and getattr(seg.model, "stego", None) is None:
+    if protocol == "unsupervised" and args.flip is not None and getattr(seg.model, "stego", None) is None:
         raise ValueError("--flip with --protocol unsupervised needs weights with a STEGO head (from groupseg discover)")
     if protocol == "unsupervised":
         cm, per_image, used = _unsupervised(args, seg, ds, samples, probe_fit)
@@ -149,14 +151,14 @@ def run_eval(args: argparse.Namespace) -> int:
 
 def _unsupervised(args, seg, ds, samples, probe_fit):
     """The Hungarian protocol's confusion, gallery and settings; with ``probe_fit``, the linear probe's scores among the settings."""
-    from groupseg.stego import cluster_refinement
+    from groupseg.stego import cluster_flip, cluster_refinement
 
     from .unsupervised import evaluate_unsupervised, linear_probe
 
     cm, per_image = evaluate_unsupervised(seg, ds, samples, args)
     used = {"protocol": "unsupervised", "clusters": args.clusters or ds.num_classes,
             "refine": (cluster_refinement(seg) if getattr(seg.model, "stego", None) is not None else "") or "none",
-            "flip": bool(args.flip)}
+            "flip": cluster_flip(seg, args.flip) if getattr(seg.model, "stego", None) is not None else False}
     if probe_fit is not None:
         res = linear_probe(seg, probe_fit, ds, samples).compute()
         used["linear_probe"] = {"fit_split": args.linear_probe, "fit_images": len(probe_fit.samples),

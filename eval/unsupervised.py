@@ -18,11 +18,12 @@ from .report import _miou_of_pairs, image_miou
 from .zero_shot import check_size
 
 
-def _cluster_assigner(seg, samples: Sequence[Sample], K: int, flip: bool = False):
+def _cluster_assigner(seg, samples: Sequence[Sample], K: int, flip: bool | None = None):
     """Cluster centres over the dataset -> (``rgb -> (H, W) cluster index``, what was clustered).
 
     A model with a STEGO head (``groupseg discover``) clusters its codes (streamed mini-batch
-    k-means; ``flip`` averages each image's cluster scores with its mirror image's); any other
+    k-means; ``flip``, when not ``None``, says whether each image's cluster scores are averaged with
+    its mirror image's, else the weights' record says); any other
     clusters the segment embeddings of its last grouping stage.
     """
     from tqdm import tqdm
@@ -53,7 +54,7 @@ def evaluate_unsupervised(seg, ds: SegDataset, samples: Sequence[Sample], args) 
 
     C = ds.num_classes
     K = args.clusters or C
-    clusters_of, what = _cluster_assigner(seg, samples, K, bool(args.flip))
+    clusters_of, what = _cluster_assigner(seg, samples, K, args.flip)
 
     conf = np.zeros(K * C, dtype=np.int64)
     pairs: list[tuple[str, np.ndarray, np.ndarray]] = []  # per image: (stem, cluster * C + class, count), small

@@ -310,6 +310,25 @@ def cluster_refinement(segmenter) -> str:
     return (segmenter.model.cfg.stego or {}).get("refine", "")
 
 
+def cluster_flip(segmenter, flip: bool | None = None) -> bool:
+    """Whether cluster maps average the image's scores with its mirror image's: ``flip`` when given,
+    else what the STEGO head's weights record (``groupseg discover --flip``, the default; weights
+    from before 2026-12-02: no)."""
+    if flip is not None:
+        return flip
+    return bool((segmenter.model.cfg.stego or {}).get("flip", False))
+
+
+def _mirror_averaged(segmenter, px: torch.Tensor, codes: torch.Tensor, centres: torch.Tensor, flip: bool | None) -> torch.Tensor:
+    """(1, K, H, W) cluster scores of ``px`` at its size; where ``cluster_flip`` says so, averaged with
+    those of the mirror image, mirrored back."""
+    size = tuple(px.shape[-2:])
+    scores = cluster_scores(codes, centres, size)
+    if cluster_flip(segmenter, flip):
+        scores = (scores + cluster_scores(code_map(segmenter.model, px.flip(-1)), centres, size).flip(-1)) / 2
+    return scores
+
+
 def _image_codes(segmenter, image, joint: bool = False):
     """A path, PIL image or uint8 array -> (the PIL image, its (1, 3, h, w) pixels at the segmenter's
     short side, ``code_map`` of them: their (1, dim, h', w') codes, or with ``joint`` (codes, joint))."""
@@ -323,17 +342,14 @@ def _image_codes(segmenter, image, joint: bool = False):
 
 
 @torch.no_grad()
-def stego_label_map(segmenter, image, centres: torch.Tensor, temperature: float = 0.1, flip: bool = False) -> torch.Tensor:
+def stego_label_map(segmenter, image, centres: torch.Tensor, temperature: float = 0.1, flip: bool | None = None) -> torch.Tensor:
     """(H, W) cluster id per pixel at the image's own size: nearest centre of the upsampled codes
-    (with ``flip``, of the mean of the image's and its mirror image's scores), refined by PAMR as
+    (averaged with the mirror image's scores as ``cluster_flip`` says), refined by PAMR as
     ``cluster_refinement`` says."""
     from .transforms import resize_nearest
 
     img, px, codes = _image_codes(segmenter, image)
-    scores = cluster_scores(codes, centres, tuple(px.shape[-2:]))
-    if flip:
-        mirrored = cluster_scores(code_map(segmenter.model, px.flip(-1)), centres, tuple(px.shape[-2:]))
-        scores = (scores + mirrored.flip(-1)) / 2
+    scores = _mirror_averaged(segmenter, px, codes, centres, flip)
     if cluster_refinement(segmenter) == "pamr":
         from .refine import pamr
 
@@ -401,7 +417,8 @@ def stego_centres(segmenter, images, k: int, seed: int = 0) -> torch.Tensor:
 def stego_segment(segmenter, image, k: int, vocab=None, *, seed: int = 0):
     """``cluster_segment`` for weights with a STEGO head: the stored centres when the head keeps
     ``k`` of them (named by their stored joint-space directions), else k-means of this image's
-    codes (named by the mean joint-space feature of each cluster); PAMR as ``cluster_refinement`` says.
+    codes (named by the mean joint-space feature of each cluster); mirror averaging as
+    ``cluster_flip`` says and PAMR as ``cluster_refinement`` says.
     Returns a ``SegmentationResult``, largest cluster first."""
     import time
 
@@ -424,7 +441,7 @@ def stego_segment(segmenter, image, k: int, vocab=None, *, seed: int = 0):
         flat = codes[0].flatten(1).T  # (n, dim)
         centres, assign = kmeans(flat, k, seed=seed)
         embeds = torch.zeros(k, joint.shape[1], device=flat.device).index_add_(0, assign, joint[0].flatten(1).T)
-    scores = cluster_scores(codes, centres, tuple(px.shape[-2:]))[0]
+    scores = _mirror_averaged(segmenter, px, codes, centres, None)[0]
     if cluster_refinement(segmenter) == "pamr":
         from .refine import pamr
 

@@ -376,7 +376,11 @@ def test_flipped_cluster_maps_average_the_image_with_its_mirror_image(tiny_weigh
     want = resize_nearest(mean[0].argmax(0), img.shape[:2])
     got = stego_label_map(seg, img, centres, flip=True)
     assert torch.equal(got, want)
-    assert not torch.equal(got, stego_label_map(seg, img, centres))  # the mirror image's scores do count
+    assert not torch.equal(got, stego_label_map(seg, img, centres, flip=False))  # the mirror image's scores do count
+    assert seg.model.cfg.stego["flip"] is True and torch.equal(stego_label_map(seg, img, centres), got)  # discover's default
+    from groupseg.stego import cluster_flip
+
+    assert cluster_flip(groupseg.Segmenter.from_pretrained(tiny_weights)) is False  # nothing recorded: no flip
     # symmetric: the flipped map of the mirror image is the mirror of the flipped map
     assert (stego_label_map(seg, img[:, ::-1].copy(), centres, flip=True) == got.flip(-1)).float().mean() > 0.99
     # the unsupervised eval takes --flip for a STEGO head, records it, and refuses it for other weights
@@ -388,8 +392,9 @@ def test_flipped_cluster_maps_average_the_image_with_its_mirror_image(tiny_weigh
         Image.fromarray(np.zeros((48, 64), np.uint8)).save(root / "valannot" / p.name)
     base = ["eval", "--dataset", "camvid", "--data-root", str(root), "--protocol", "unsupervised", "--clusters", "3",
             "--short-side", "48", "--templates", "simple", "--device", "cpu", "--out", str(tmp_path / "r.json")]
-    assert main(base + ["--weights", str(out), "--flip"]) == 0
-    assert json.loads((tmp_path / "r.json").read_text())["settings"]["flip"] is True
+    for extra, expect in (([], True), (["--no-flip"], False), (["--flip"], True)):  # the weights' own unless told
+        assert main(base + ["--weights", str(out), *extra]) == 0
+        assert json.loads((tmp_path / "r.json").read_text())["settings"]["flip"] is expect
     capsys.readouterr()
     assert main(base + ["--weights", str(tiny_weights), "--flip"]) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -207,6 +207,7 @@ class DiscoverConfig:
     pseudo_refine: Literal["pamr", "none"] = "pamr"  # self-training: refine the teacher's pseudo labels onto image edges with PAMR before training on them
     pseudo_flip: bool = True  # self-training: average the teacher's probabilities over each crop and its mirror image (chosen on CamVid val)
     refine: Literal["pamr", "none"] = "pamr"  # refinement the output weights apply to their cluster maps by default (segment / eval: --pamr, --no-pamr override it)
+    flip: bool = True  # the output weights average each image's cluster scores with its mirror image's by default (eval --flip / --no-flip override it; chosen on CamVid val)
     seed: int = 0
     resume: Literal["auto", "none"] = "auto"  # auto = continue from OUT/checkpoints
     checkpoint_every: int = 500  # steps between checkpoints

@@ -130,6 +130,7 @@ def run_discover(args: argparse.Namespace) -> int:
         head.set_centres(*fit_probe(model, head, cache, k, cfg.probe_epochs, cfg.seed, init=head.centres))
     timings["total"] = time.time() - t0
     model.cfg.stego["refine"] = "" if cfg.refine == "none" else cfg.refine
+    model.cfg.stego["flip"] = cfg.flip
     export(model, weights, out, cfg, timings)
     plot_code_space(model, head, cache, out / "code_space.png", seed=cfg.seed)
     print(f"discover: wrote {out}/config.json and model.safetensors (K={k}, {len(paths)} images, "
