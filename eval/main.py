@@ -158,7 +158,7 @@ def _unsupervised(args, seg, ds, samples, probe_fit):
     cm, per_image = evaluate_unsupervised(seg, ds, samples, args)
     used = {"protocol": "unsupervised", "clusters": args.clusters or ds.num_classes,
             "refine": (cluster_refinement(seg) if getattr(seg.model, "stego", None) is not None else "") or "none",
-            "flip": cluster_flip(seg, args.flip) if getattr(seg.model, "stego", None) is not None else False}
+            "flip": cluster_flip(seg, args.flip)}  # False without a head: --flip was refused there
     if probe_fit is not None:
         res = linear_probe(seg, probe_fit, ds, samples).compute()
         used["linear_probe"] = {"fit_split": args.linear_probe, "fit_images": len(probe_fit.samples),

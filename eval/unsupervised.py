@@ -22,8 +22,7 @@ def _cluster_assigner(seg, samples: Sequence[Sample], K: int, flip: bool | None 
     """Cluster centres over the dataset -> (``rgb -> (H, W) cluster index``, what was clustered).
 
     A model with a STEGO head (``groupseg discover``) clusters its codes (streamed mini-batch
-    k-means; ``flip``, when not ``None``, says whether each image's cluster scores are averaged with
-    its mirror image's, else the weights' record says); any other
+    k-means; mirror averaging as ``groupseg.stego.cluster_flip(seg, flip)`` says); any other
     clusters the segment embeddings of its last grouping stage.
     """
     from tqdm import tqdm

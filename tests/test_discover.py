@@ -357,7 +357,7 @@ def test_flipped_teacher_labels_average_each_crop_with_its_mirror_image(tiny_wei
 
 def test_flipped_cluster_maps_average_the_image_with_its_mirror_image(tiny_weights, tmp_path, capsys):
     from groupseg.cli import main
-    from groupseg.stego import _image_codes, cluster_scores, code_map, stego_label_map
+    from groupseg.stego import _image_codes, cluster_flip, cluster_scores, code_map, stego_label_map
     from groupseg.transforms import resize_nearest
 
     photos = tmp_path / "photos"
@@ -378,8 +378,6 @@ def test_flipped_cluster_maps_average_the_image_with_its_mirror_image(tiny_weigh
     assert torch.equal(got, want)
     assert not torch.equal(got, stego_label_map(seg, img, centres, flip=False))  # the mirror image's scores do count
     assert seg.model.cfg.stego["flip"] is True and torch.equal(stego_label_map(seg, img, centres), got)  # discover's default
-    from groupseg.stego import cluster_flip
-
     assert cluster_flip(groupseg.Segmenter.from_pretrained(tiny_weights)) is False  # nothing recorded: no flip
     # symmetric: the flipped map of the mirror image is the mirror of the flipped map
     assert (stego_label_map(seg, img[:, ::-1].copy(), centres, flip=True) == got.flip(-1)).float().mean() > 0.99
