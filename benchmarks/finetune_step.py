@@ -105,6 +105,27 @@ def time_steps(fn, steps: int, warmup: int = 2) -> list[float]:
     return times
 
 
+def data_kept_against_decoded(ft, rounds: int) -> None:
+    """One batch of crops from photos the training process keeps decoded (every epoch after the
+    first) against decoding each photo again (as before 2026-12-02), alternating; the crops are equal."""
+    import copy
+
+    kept, fresh = ft.data, copy.copy(ft.data)
+    fresh._decoded, fresh._decoded_bytes = {}, 0
+    idx = range(ft.cfg.batch_size)
+    [kept[i] for i in idx]  # decoded once
+    a, b = [], []
+    with patched(type(fresh).__module__, "DECODED_CACHE_BYTES", 0):
+        for _ in range(rounds):
+            for times, data in ((a, kept), (b, fresh)):
+                t0 = time.perf_counter()
+                [data[i] for i in idx]
+                times.append(time.perf_counter() - t0)
+    ka, kb = statistics.median(a), statistics.median(b)
+    print(f"fp32: data {ka * 1000:,.0f} ms per batch from photos kept decoded against {kb * 1000:,.0f} ms decoding "
+          f"each: {kb / ka:.2f}x (medians of {rounds} alternating)")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-root", default=str(ROOT.parent / "shared" / "data" / "camvid"))
@@ -131,6 +152,8 @@ def main() -> None:
         batch = {k: v.to(ft.acc.device) for k, v in next(loader).items()}
         print(f"{precision}: data {statistics.median(t_data) * 1000:,.0f} ms per batch of {ft.cfg.batch_size} "
               f"(one process; the loader's worker overlaps it with the step)")
+        if precision == "fp32":
+            data_kept_against_decoded(ft, args.steps)
         for epoch, stage in ((0, "mix-and-match"), (1, "per-pixel")):
             t = time_steps(lambda: one_step(ft, opt, batch, epoch), args.steps)
             print(f"{precision}: step {stage}: {statistics.median(t) * 1000:,.0f} ms median of {args.steps} "

@@ -54,11 +54,35 @@ def pamr(image: torch.Tensor, scores: torch.Tensor, iterations: int = 10, dilati
         image, scores = image[None], scores[None]
     if image.shape[-2:] != scores.shape[-2:]:
         raise ValueError(f"pamr: image {tuple(image.shape[-2:])} and scores {tuple(scores.shape[-2:])} differ in size")
-    aff = pamr_affinity(image.float(), dilations)
-    x = scores.float()
-    for _ in range(iterations):
-        out = torch.zeros_like(x)
-        for k, nb in enumerate(_neighbours(x, dilations)):
-            out.addcmul_(nb, aff[:, k : k + 1])
-        x = out
+    out = []
+    for b in range(scores.shape[0]):  # one image at a time: its scores and weights stay in cache
+        aff = pamr_affinity(image[b : b + 1].float(), dilations)
+        x = scores[b : b + 1].float()
+        for _ in range(iterations):
+            x = _propagate(x, aff, dilations)
+        out.append(x)
+    x = torch.cat(out)
     return x[0] if squeeze else x
+
+
+BAND_BYTES = 8 << 20  # working set of one band of rows in ``_propagate``
+
+
+def _propagate(x: torch.Tensor, aff: torch.Tensor, dilations: Sequence[int]) -> torch.Tensor:
+    """One PAMR step on (1, C, H, W) scores with (1, K, H, W) weights: each pixel's weighted sum of
+    its neighbours. Computed in bands of rows whose scores, neighbours and weights fit in a CPU
+    cache (the whole image at once streams them from memory 48 times: 1.4-1.9x slower on 2 cores);
+    each band sums its neighbours in the same order, so the result is the same to the bit."""
+    H, W = x.shape[-2:]
+    m = max(dilations)
+    xp = F.pad(x, (m, m, m, m), mode="replicate")
+    band = max(16, BAND_BYTES // (4 * (W + 2 * m) * (aff.shape[1] + 2 * x.shape[1])))
+    out = torch.zeros_like(x)
+    for r0 in range(0, H, band):
+        r1 = min(H, r0 + band)
+        o, k = out[..., r0:r1, :], 0
+        for d in dilations:
+            for dy, dx in OFFSETS:
+                o.addcmul_(xp[..., m + dy * d + r0 : m + dy * d + r1, m + dx * d : m + dx * d + W], aff[:, k : k + 1, r0:r1])
+                k += 1
+    return out

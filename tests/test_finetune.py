@@ -438,6 +438,31 @@ def test_crops_equal_resizing_the_whole_image_then_cropping(tiny_weights, tmp_pa
             assert diff.max() <= 2.01 and diff.mean() < 0.25
 
 
+def test_decoded_photos_are_kept_within_budget_and_give_the_same_crops(tiny_weights, tmp_path, monkeypatch):
+    # the training process keeps decoded photos between epochs; its crops equal those of a dataset
+    # that decodes every time (budget 0), and the budget bounds what it keeps
+    root = make_camvid_train(tmp_path / "camvid", n=4, h=40, w=60)
+    def items(data):
+        out = []
+        for epoch in range(3):
+            data.epoch = epoch
+            out += [data[i] for i in range(len(data))]
+        return out
+
+    kept = FT.Finetuner(cfg_for(tmp_path, tiny_weights, root, color_jitter=0.4)).data
+    from_memory = items(kept)
+    assert len(kept._decoded) == 4 and kept._decoded_bytes == 4 * 4 * 40 * 60
+    monkeypatch.setattr(FD, "DECODED_CACHE_BYTES", 0)
+    fresh = FT.Finetuner(cfg_for(tmp_path, tiny_weights, root, color_jitter=0.4)).data
+    for a, b in zip(from_memory, items(fresh), strict=True):
+        assert all(torch.equal(a[k], b[k]) for k in ("pixels", "target", "tags"))
+    assert not fresh._decoded
+    monkeypatch.setattr(FD, "DECODED_CACHE_BYTES", 2 * 4 * 40 * 60)  # room for two photos
+    half = FT.Finetuner(cfg_for(tmp_path, tiny_weights, root)).data
+    [half[i] for i in range(len(half))]
+    assert sorted(half._decoded) == [0, 1]
+
+
 def _params_after_each_step(ft: FT.Finetuner) -> list[dict[str, torch.Tensor]]:
     """Record ``ft``'s trainable parameters (by name, under ``model.``) after every optimizer step of its run."""
     names = {id(p): n[len("model."):] for n, p in ft.head.named_parameters() if n.startswith("model.visual_proj.")}

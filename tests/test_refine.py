@@ -73,3 +73,18 @@ def test_pamr_equals_padding_each_dilation_on_its_own():
     image = torch.rand(2, 3, 16, 20, generator=g)
     scores = torch.rand(2, 4, 16, 20, generator=g).softmax(1)
     torch.testing.assert_close(pamr(image, scores), reference(image, scores), atol=1e-5, rtol=1e-5)
+
+
+def test_pamr_in_bands_of_rows_is_the_whole_image_at_once(monkeypatch):
+    # 40 rows in bands of 16 (the smallest band): 16 + 16 + 8, each band summing its neighbours in
+    # the same order as the whole image does, so equal to the bit
+    import groupseg.refine as R
+
+    g = torch.Generator().manual_seed(1)
+    image, scores = torch.rand(2, 3, 40, 30, generator=g), torch.rand(2, 5, 40, 30, generator=g).softmax(1)
+    monkeypatch.setattr(R, "BAND_BYTES", 1 << 40)
+    whole = pamr(image, scores)
+    monkeypatch.setattr(R, "BAND_BYTES", 1)
+    banded = pamr(image, scores)
+    assert torch.equal(banded, whole) and not torch.equal(whole, scores)
+    assert torch.equal(pamr(image[1], scores[1]), whole[1])  # one image alone: the same as in a batch

@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from groupseg.loss.segmentation import IGNORE
 from groupseg.transforms import load_image, normalize_pixels
 
+DECODED_CACHE_BYTES = 2 << 30  # decoded training photos kept in memory (``LabelledImages.decoded``)
+
 
 def select_subset(num: int, images: int = -1, fraction: float = 0.0, seed: int = 0) -> list[int]:
     """Sorted indices of a seeded random subset of ``num`` labelled images."""
@@ -59,9 +61,7 @@ def vocab_targets(ds, sample) -> np.ndarray:
 def image_tags(target: np.ndarray, num_classes: int) -> np.ndarray:
     """(C,) float presence of each class in a vocabulary-index label map (ignore excluded)."""
     v = target[target != IGNORE]
-    tags = np.zeros(num_classes, dtype=np.float32)
-    tags[np.unique(v)] = 1.0
-    return tags
+    return (np.bincount(v.ravel(), minlength=num_classes)[:num_classes] > 0).astype(np.float32)
 
 
 def hide_classes(target: np.ndarray, hidden: Sequence[int]) -> np.ndarray:
@@ -119,6 +119,8 @@ class LabelledImages(torch.utils.data.Dataset):
         self.ds, self.indices, self.cfg, self.hidden = ds, list(indices), cfg, list(hidden)
         self.mean, self.std = tuple(mean), tuple(std)
         self.epoch = 0
+        self._decoded: dict[int, tuple] = {}  # subset position -> (image, uint8 label map), see ``decoded``
+        self._decoded_bytes = 0
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -127,15 +129,11 @@ class LabelledImages(torch.utils.data.Dataset):
         from PIL import Image
 
         cfg = self.cfg
-        sample = self.ds.samples[self.indices[i]]
-        img = load_image(sample.image)
-        full = vocab_targets(self.ds, sample)
-        if full.shape != (img.height, img.width):
-            raise ValueError(f"{sample.label}: label map {full.shape[::-1]} does not match image {img.size}")
+        img, lab = self.decoded(i)
         rng = np.random.default_rng([cfg.seed, self.epoch, self.indices[i]])
         s = cfg.short_side * rng.uniform(*cfg.scale_range) / min(img.size)
         w, h = max(1, round(img.width * s)), max(1, round(img.height * s))
-        lab, S = Image.fromarray(full.astype(np.uint8)), cfg.crop_size
+        S = cfg.crop_size
         small = w < S or h < S
         if small:
             img, lab = img.resize((w, h), Image.BILINEAR), lab.resize((w, h), Image.NEAREST)
@@ -163,6 +161,29 @@ class LabelledImages(torch.utils.data.Dataset):
         tags = image_tags(full, len(self.ds.vocab))
         target = torch.from_numpy(hide_classes(full, self.hidden))
         return {"pixels": px, "target": target, "tags": torch.from_numpy(tags)}
+
+
+    def decoded(self, i: int):
+        """Subset item ``i``'s RGB image and label map (vocabulary indices, ``IGNORE`` elsewhere) as PIL
+        images. Every epoch crops the same photos again, so the training process keeps them decoded
+        while they fit in ``DECODED_CACHE_BYTES`` (CamVid train: about 1 GB); decoding a 960 x 720
+        photo and its labels is a third of preparing a crop. Loader worker processes decode afresh
+        (their memory would be lost at the end of each epoch)."""
+        from PIL import Image
+
+        hit = self._decoded.get(i)
+        if hit is not None:
+            return hit
+        sample = self.ds.samples[self.indices[i]]
+        img = load_image(sample.image)
+        full = vocab_targets(self.ds, sample)
+        if full.shape != (img.height, img.width):
+            raise ValueError(f"{sample.label}: label map {full.shape[::-1]} does not match image {img.size}")
+        out = img, Image.fromarray(full.astype(np.uint8))
+        size = 4 * img.width * img.height  # RGB + labels, one byte each
+        if torch.utils.data.get_worker_info() is None and self._decoded_bytes + size <= DECODED_CACHE_BYTES:
+            self._decoded[i], self._decoded_bytes = out, self._decoded_bytes + size
+        return out
 
 
 def photometric(px: torch.Tensor, strength: float, rng: np.random.Generator) -> torch.Tensor:
