@@ -39,6 +39,24 @@ def _groups_first(group_logits, grouping, size, hard=False):
     return torch.einsum("bgc,bghw->bchw", group_logits.float().softmax(-1), grouping).clamp_min(1e-8).log()
 
 
+def _triplet_cube(feats, labels, margin):
+    """triplet_loss before 2026-12-02: the semi-hard negatives over the whole (a, p, n) cube at once."""
+    import torch.nn.functional as F
+
+    if feats.shape[0] < 2 or labels.unique().numel() < 2:
+        return feats.sum() * 0.0
+    f = F.normalize(feats.float() - feats.float().mean(0, keepdim=True), dim=-1)
+    d = (2.0 - 2.0 * f @ f.T).clamp_min(1e-8).sqrt()
+    same = labels[:, None] == labels[None, :]
+    pairs = same & ~torch.eye(len(labels), dtype=torch.bool, device=labels.device)
+    if not pairs.any():
+        return feats.sum() * 0.0
+    d_an = d.masked_fill(same, float("nan"))[:, None, :]
+    semi = torch.where(d_an > d[:, :, None], d_an, float("inf")).amin(-1)
+    easiest = d.masked_fill(same, float("-inf")).amax(1, keepdim=True).expand_as(semi)
+    return F.relu(d - torch.where(torch.isfinite(semi), semi, easiest) + margin)[pairs].mean()
+
+
 @contextlib.contextmanager
 def patched(module: str, name: str, fn):
     import importlib
@@ -69,6 +87,8 @@ VARIANTS = {
         "per-pixel", lambda ft: patched("groupseg.training.finetune", "pixel_log_probs", _groups_first)),
     "plain-matmul attention (fp32 default before 2026-11-30)": ("per-pixel", lambda ft: attention_path(ft, False)),
     "SDPA attention (the bf16 default is plain matmuls)": ("per-pixel", lambda ft: attention_path(ft, True)),
+    "triplets over the whole (a, p, n) cube (before 2026-12-02)": (
+        "mix-and-match", lambda ft: patched("groupseg.training.finetune", "triplet_loss", _triplet_cube)),
 }
 
 

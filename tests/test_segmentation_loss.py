@@ -23,6 +23,24 @@ def test_patch_labels_majority_and_triplet_loss():
     assert mixed == pytest.approx(0.3, abs=1e-3)
 
 
+def test_patch_labels_counts_equal_pooling_a_one_hot_map():
+    # equal cells are counted per cell (no one-hot map); the result is pooling the one-hot map, the
+    # definition (and the path for cells of unequal size), including exact 50 % ties and ignore
+    import torch.nn.functional as F
+
+    gen = torch.Generator().manual_seed(3)
+    for (H, W), grid in (((64, 48), (4, 3)), ((28, 42), (2, 3)), ((30, 20), (4, 3))):
+        t = torch.randint(0, 4, (2, H, W), generator=gen)
+        t[torch.rand(t.shape, generator=gen) < 0.2] = 255
+        t[0, : H // grid[0], : W // grid[1]] = 1  # a pure cell
+        t[1, : H // grid[0], : W // grid[1]] = 255  # an unlabelled cell
+        onehot = F.one_hot(t.clamp(max=4), 5).permute(0, 3, 1, 2).float()[:, :4]
+        best, ref = F.adaptive_avg_pool2d(onehot, grid).max(1)
+        ref[best < 0.25] = 255
+        assert torch.equal(L.patch_labels(t, grid, purity=0.25), ref)
+        assert L.patch_labels(t, grid)[0, 0, 0] == 1 and L.patch_labels(t, grid)[1, 0, 0] == 255
+
+
 def test_triplet_loss_matches_a_brute_force_semi_hard_reference():
     gen = torch.Generator().manual_seed(1)
     feats = torch.randn(12, 5, generator=gen)

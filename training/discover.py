@@ -34,6 +34,7 @@ import torch
 from groupseg.dataclass_cli import add_dataclass_args, dataclass_from_args
 
 from .config import DiscoverConfig
+from .engine import keep_freed_memory
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 
@@ -103,6 +104,7 @@ def run_discover(args: argparse.Namespace) -> int:
     from .selftrain import self_train
 
     cfg = dataclass_from_args(DiscoverConfig, args)  # range checks, before any work
+    keep_freed_memory()
     t0 = time.time()
     torch.manual_seed(cfg.seed)
     paths, classes = image_paths(cfg)

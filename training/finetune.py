@@ -75,7 +75,7 @@ from groupseg.optim import build_optimizer, decay_groups
 
 from .checkpoint import latest_checkpoint, read_state, save_checkpoint
 from .config import FinetuneConfig
-from .engine import MetricsWriter, choose_checkpoint, export_weights, warmup_cosine
+from .engine import MetricsWriter, choose_checkpoint, export_weights, keep_freed_memory, warmup_cosine
 from .finetune_data import (
     LabelledImages,
     hide_classes,
@@ -387,6 +387,7 @@ def add_finetune_args(p: argparse.ArgumentParser) -> None:
 
 def run_finetune(args: argparse.Namespace) -> int:
     cfg = dataclass_from_args(FinetuneConfig, args)  # range checks, before any work
+    keep_freed_memory()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     ft = Finetuner(cfg)
     out = ft.fit()

@@ -29,7 +29,7 @@ from groupseg.precision import resolve_precision
 
 from .checkpoint import latest_checkpoint, read_state, save_checkpoint
 from .config import TrainConfig, load_config, parse_overrides
-from .engine import MetricsWriter, choose_checkpoint, export_weights, warmup_cosine
+from .engine import MetricsWriter, choose_checkpoint, export_weights, keep_freed_memory, warmup_cosine
 
 log = logging.getLogger("groupseg.train")
 
@@ -428,6 +428,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def run_train(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
+    keep_freed_memory()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     trainer = Trainer(cfg)
     trainer.fit()

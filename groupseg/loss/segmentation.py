@@ -125,10 +125,19 @@ def patch_labels(target: torch.Tensor, grid: tuple[int, int], purity: float = 0.
         grid: the patch grid (h, w).
         purity: least fraction of a cell's pixels its class must cover.
     """
-    B = target.shape[0]
+    B, H, W = target.shape
+    h, w = grid
     C = int(target[target != IGNORE].max().item()) + 1 if (target != IGNORE).any() else 1
-    onehot = F.one_hot(target.clamp(max=C).long(), C + 1).permute(0, 3, 1, 2).float()[:, :C]
-    frac = F.adaptive_avg_pool2d(onehot, grid)  # (B, C, h, w)
+    t = target.clamp(max=C).long()  # IGNORE -> C, dropped below
+    if H % h == 0 and W % w == 0:  # equal cells: count each cell's classes (no (B, C, H, W) one-hot)
+        ph, pw = H // h, W // w
+        cell = (torch.arange(H, device=t.device) // ph)[:, None] * w + (torch.arange(W, device=t.device) // pw)[None, :]
+        idx = ((torch.arange(B, device=t.device)[:, None, None] * (h * w) + cell) * (C + 1) + t).reshape(-1)
+        counts = torch.bincount(idx, minlength=B * h * w * (C + 1)).view(B, h, w, C + 1)[..., :C]
+        frac = counts.permute(0, 3, 1, 2).float() / (ph * pw)  # (B, C, h, w)
+    else:
+        onehot = F.one_hot(t, C + 1).permute(0, 3, 1, 2).float()[:, :C]
+        frac = F.adaptive_avg_pool2d(onehot, grid)  # (B, C, h, w)
     best, lab = frac.max(1)
     lab[best < purity] = IGNORE
     return lab.view(B, *grid)
@@ -177,9 +186,11 @@ def triplet_loss(feats: torch.Tensor, labels: torch.Tensor, margin: float) -> to
     pairs = same & ~eye  # (a, p); every anchor has a negative (two classes at least, checked above)
     if not pairs.any():
         return feats.sum() * 0.0
-    d_ap = d[:, :, None]  # (a, p, 1)
-    d_an = d.masked_fill(same, float("nan"))[:, None, :]  # (a, 1, n), NaN where n is not a negative
-    semi = torch.where(d_an > d_ap, d_an, float("inf")).amin(-1)  # (a, p): nearest negative beyond p
+    d_an = d.masked_fill(same, float("nan"))  # (a, n), NaN where n is not a negative
+    # (a, p): the nearest negative beyond p, a few anchors at a time (the whole (a, p, n) cube of
+    # 352 patches is 174 MB a tensor, allocated and paged in afresh every step)
+    semi = torch.cat([torch.where(d_an[i : i + 32, None, :] > d[i : i + 32, :, None], d_an[i : i + 32, None, :],
+                                  float("inf")).amin(-1) for i in range(0, len(d), 32)])
     easiest = d.masked_fill(same, float("-inf")).amax(1, keepdim=True).expand_as(semi)
     d_neg = torch.where(torch.isfinite(semi), semi, easiest)
     return F.relu(d - d_neg + margin)[pairs].mean()
