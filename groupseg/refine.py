@@ -15,16 +15,18 @@ DILATIONS = (1, 2, 4, 8, 12, 24)
 OFFSETS = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0)]
 
 
-def _neighbours(x: torch.Tensor, dilations: Sequence[int]):
+def _neighbours(x: torch.Tensor, dilations: Sequence[int], rows: tuple[int, int] | None = None, padded: torch.Tensor | None = None):
     """Every (dy * d, dx * d) neighbour view of x (B, C, H, W), borders replicated, in (d, offset)
     order: one padding by the largest dilation serves all (replicating by more than d reads the
-    same border values as replicating by d)."""
+    same border values as replicating by d). ``rows`` (r0, r1): the views of those rows only;
+    ``padded``: x already padded that way (one padding for many bands)."""
     H, W = x.shape[-2:]
     m = max(dilations)
-    xp = F.pad(x, (m, m, m, m), mode="replicate")
+    xp = F.pad(x, (m, m, m, m), mode="replicate") if padded is None else padded
+    r0, r1 = rows or (0, H)
     for d in dilations:
         for dy, dx in OFFSETS:
-            yield xp[..., m + dy * d : m + dy * d + H, m + dx * d : m + dx * d + W]
+            yield xp[..., m + dy * d + r0 : m + dy * d + r1, m + dx * d : m + dx * d + W]
 
 
 @torch.no_grad()
@@ -54,9 +56,18 @@ def pamr(image: torch.Tensor, scores: torch.Tensor, iterations: int = 10, dilati
         image, scores = image[None], scores[None]
     if image.shape[-2:] != scores.shape[-2:]:
         raise ValueError(f"pamr: image {tuple(image.shape[-2:])} and scores {tuple(scores.shape[-2:])} differ in size")
-    out = []
-    for b in range(scores.shape[0]):  # one image at a time: its scores and weights stay in cache
-        aff = pamr_affinity(image[b : b + 1].float(), dilations)
+    if image.shape[0] not in (1, scores.shape[0]):
+        raise ValueError(f"pamr: {image.shape[0]} images for {scores.shape[0]} score maps")
+    if scores.device.type != "cpu" or scores.shape[0] == 0:  # one kernel per neighbour for the whole batch
+        aff = pamr_affinity(image.float(), dilations)
+        x = scores.float()
+        for _ in range(iterations):
+            x = _propagate(x, aff, dilations, band=x.shape[-2])
+        return x[0] if squeeze else x
+    out, aff = [], None
+    for b in range(scores.shape[0]):  # on a CPU one image at a time: its scores and weights stay in cache
+        if aff is None or image.shape[0] > 1:
+            aff = pamr_affinity(image[b : b + 1].float(), dilations)
         x = scores[b : b + 1].float()
         for _ in range(iterations):
             x = _propagate(x, aff, dilations)
@@ -65,24 +76,22 @@ def pamr(image: torch.Tensor, scores: torch.Tensor, iterations: int = 10, dilati
     return x[0] if squeeze else x
 
 
-BAND_BYTES = 8 << 20  # working set of one band of rows in ``_propagate``
+BAND_BYTES = 8 << 20  # working set of one band of rows in ``_propagate`` on a CPU
 
 
-def _propagate(x: torch.Tensor, aff: torch.Tensor, dilations: Sequence[int]) -> torch.Tensor:
-    """One PAMR step on (1, C, H, W) scores with (1, K, H, W) weights: each pixel's weighted sum of
-    its neighbours. Computed in bands of rows whose scores, neighbours and weights fit in a CPU
-    cache (the whole image at once streams them from memory 48 times: 1.4-1.9x slower on 2 cores);
-    each band sums its neighbours in the same order, so the result is the same to the bit."""
+def _propagate(x: torch.Tensor, aff: torch.Tensor, dilations: Sequence[int], band: int = 0) -> torch.Tensor:
+    """One PAMR step on (B, C, H, W) scores with (B or 1, K, H, W) weights: each pixel's weighted
+    sum of its neighbours. On a CPU, in bands of rows whose scores, neighbours and weights fit in
+    a cache (the whole image at once streams them from memory 48 times: 1.1-1.7x slower on 2
+    cores); each band sums its neighbours in the same order, so the result is the same to the bit."""
     H, W = x.shape[-2:]
     m = max(dilations)
     xp = F.pad(x, (m, m, m, m), mode="replicate")
-    band = max(16, BAND_BYTES // (4 * (W + 2 * m) * (aff.shape[1] + 2 * x.shape[1])))
+    band = band or max(16, BAND_BYTES // (4 * (W + 2 * m) * (aff.shape[1] + 2 * x.shape[1])))
     out = torch.zeros_like(x)
     for r0 in range(0, H, band):
         r1 = min(H, r0 + band)
-        o, k = out[..., r0:r1, :], 0
-        for d in dilations:
-            for dy, dx in OFFSETS:
-                o.addcmul_(xp[..., m + dy * d + r0 : m + dy * d + r1, m + dx * d : m + dx * d + W], aff[:, k : k + 1, r0:r1])
-                k += 1
+        o = out[..., r0:r1, :]
+        for k, nb in enumerate(_neighbours(x, dilations, (r0, r1), xp)):
+            o.addcmul_(nb, aff[:, k : k + 1, r0:r1])
     return out

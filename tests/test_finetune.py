@@ -451,13 +451,13 @@ def test_decoded_photos_are_kept_within_budget_and_give_the_same_crops(tiny_weig
 
     kept = FT.Finetuner(cfg_for(tmp_path, tiny_weights, root, color_jitter=0.4)).data
     from_memory = items(kept)
-    assert len(kept._decoded) == 4 and kept._decoded_bytes == 4 * 4 * 40 * 60
+    assert len(kept._decoded) == 4 and kept._decoded_bytes == 4 * 5 * 40 * 60
     monkeypatch.setattr(FD, "DECODED_CACHE_BYTES", 0)
     fresh = FT.Finetuner(cfg_for(tmp_path, tiny_weights, root, color_jitter=0.4)).data
     for a, b in zip(from_memory, items(fresh), strict=True):
         assert all(torch.equal(a[k], b[k]) for k in ("pixels", "target", "tags"))
     assert not fresh._decoded
-    monkeypatch.setattr(FD, "DECODED_CACHE_BYTES", 2 * 4 * 40 * 60)  # room for two photos
+    monkeypatch.setattr(FD, "DECODED_CACHE_BYTES", 2 * 5 * 40 * 60)  # room for two photos
     half = FT.Finetuner(cfg_for(tmp_path, tiny_weights, root)).data
     [half[i] for i in range(len(half))]
     assert sorted(half._decoded) == [0, 1]

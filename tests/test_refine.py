@@ -75,16 +75,29 @@ def test_pamr_equals_padding_each_dilation_on_its_own():
     torch.testing.assert_close(pamr(image, scores), reference(image, scores), atol=1e-5, rtol=1e-5)
 
 
-def test_pamr_in_bands_of_rows_is_the_whole_image_at_once(monkeypatch):
-    # 40 rows in bands of 16 (the smallest band): 16 + 16 + 8, each band summing its neighbours in
-    # the same order as the whole image does, so equal to the bit
+def test_pamr_in_bands_of_rows_is_the_whole_batch_at_once(monkeypatch):
+    # 40 rows in bands of 16 (the smallest band): 16 + 16 + 8, one image at a time, against every
+    # neighbour view of the whole batch at once (PAMR before 2026-12-02): equal to the bit
     import groupseg.refine as R
+
+    def whole_batch(image, scores, iterations=10):
+        aff = pamr_affinity(image)
+        x = scores
+        for _ in range(iterations):
+            out = torch.zeros_like(x)
+            for k, nb in enumerate(R._neighbours(x, R.DILATIONS)):
+                out.addcmul_(nb, aff[:, k : k + 1])
+            x = out
+        return x
 
     g = torch.Generator().manual_seed(1)
     image, scores = torch.rand(2, 3, 40, 30, generator=g), torch.rand(2, 5, 40, 30, generator=g).softmax(1)
-    monkeypatch.setattr(R, "BAND_BYTES", 1 << 40)
-    whole = pamr(image, scores)
+    reference = whole_batch(image, scores)
     monkeypatch.setattr(R, "BAND_BYTES", 1)
-    banded = pamr(image, scores)
-    assert torch.equal(banded, whole) and not torch.equal(whole, scores)
-    assert torch.equal(pamr(image[1], scores[1]), whole[1])  # one image alone: the same as in a batch
+    assert torch.equal(pamr(image, scores), reference) and not torch.equal(reference, scores)
+    monkeypatch.setattr(R, "BAND_BYTES", 1 << 40)
+    assert torch.equal(pamr(image, scores), reference)
+    # one image for several score maps: its weights serve them all, as before
+    assert torch.equal(pamr(image[:1], scores), whole_batch(image[:1], scores))
+    with pytest.raises(ValueError, match="2 images for 3 score maps"):
+        pamr(image, torch.cat([scores, scores[:1]]))

@@ -48,7 +48,8 @@ def keep_freed_memory(block: int = 32 << 20, trim: int = 1 << 30) -> bool:
         mallopt = libc.mallopt
     except (OSError, AttributeError):  # musl and other C libraries
         return False
-    return bool(mallopt(M_MMAP_THRESHOLD, block)) and bool(mallopt(M_TRIM_THRESHOLD, trim))
+    done = [bool(mallopt(M_MMAP_THRESHOLD, block)), bool(mallopt(M_TRIM_THRESHOLD, trim))]
+    return all(done)
 
 
 # --------------------------------------------------------------------------- optimisation

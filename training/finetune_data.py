@@ -166,7 +166,7 @@ class LabelledImages(torch.utils.data.Dataset):
     def decoded(self, i: int):
         """Subset item ``i``'s RGB image and label map (vocabulary indices, ``IGNORE`` elsewhere) as PIL
         images. Every epoch crops the same photos again, so the training process keeps them decoded
-        while they fit in ``DECODED_CACHE_BYTES`` (CamVid train: about 1 GB); decoding a 960 x 720
+        while they fit in ``DECODED_CACHE_BYTES`` (CamVid train: about 1.3 GB); decoding a 960 x 720
         photo and its labels is a third of preparing a crop. Loader worker processes decode afresh
         (their memory would be lost at the end of each epoch)."""
         from PIL import Image
@@ -180,7 +180,7 @@ class LabelledImages(torch.utils.data.Dataset):
         if full.shape != (img.height, img.width):
             raise ValueError(f"{sample.label}: label map {full.shape[::-1]} does not match image {img.size}")
         out = img, Image.fromarray(full.astype(np.uint8))
-        size = 4 * img.width * img.height  # RGB + labels, one byte each
+        size = 5 * img.width * img.height  # PIL keeps RGB in 4 bytes a pixel, labels in 1
         if torch.utils.data.get_worker_info() is None and self._decoded_bytes + size <= DECODED_CACHE_BYTES:
             self._decoded[i], self._decoded_bytes = out, self._decoded_bytes + size
         return out

@@ -186,11 +186,13 @@ def triplet_loss(feats: torch.Tensor, labels: torch.Tensor, margin: float) -> to
     pairs = same & ~eye  # (a, p); every anchor has a negative (two classes at least, checked above)
     if not pairs.any():
         return feats.sum() * 0.0
-    d_an = d.masked_fill(same, float("nan"))  # (a, n), NaN where n is not a negative
-    # (a, p): the nearest negative beyond p, a few anchors at a time (the whole (a, p, n) cube of
-    # 352 patches is 174 MB a tensor, allocated and paged in afresh every step)
-    semi = torch.cat([torch.where(d_an[i : i + 32, None, :] > d[i : i + 32, :, None], d_an[i : i + 32, None, :],
-                                  float("inf")).amin(-1) for i in range(0, len(d), 32)])
+    with torch.no_grad():  # (a, p): which negative is the nearest beyond p, a few anchors at a time
+        # (the whole (a, p, n) cube of 352 patches is 174 MB a tensor; autograd would keep it too)
+        d_an = d.masked_fill(same, float("nan"))  # (a, n), NaN where n is not a negative
+        beyond = [torch.where(d_an[i : i + 32, None, :] > d[i : i + 32, :, None], d_an[i : i + 32, None, :],
+                              float("inf")).min(-1) for i in range(0, len(d), 32)]
+        nearest, found = torch.cat([b.indices for b in beyond]), torch.isfinite(torch.cat([b.values for b in beyond]))
+    semi = torch.where(found, d.gather(1, nearest), float("inf"))  # its distance, with its gradient
     easiest = d.masked_fill(same, float("-inf")).amax(1, keepdim=True).expand_as(semi)
     d_neg = torch.where(torch.isfinite(semi), semi, easiest)
     return F.relu(d - d_neg + margin)[pairs].mean()
