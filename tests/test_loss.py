@@ -1,3 +1,4 @@
+import gc
 import math
 import os
 import socket
@@ -114,6 +115,10 @@ def _worker(rank, world, port, img, txt, grp, q):
     )
     out["loss"].backward()
     q.put((rank, out["loss"].item(), i.grad.numpy(), t.grad.numpy(), g.grad.numpy()))  # arrays by value, not shared fds
+    # free every tensor the gathers touched before the group goes: gloo work objects still alive at
+    # interpreter exit can abort the process (SIGABRT seen once in CI, after the results were sent)
+    del out, i, t, g
+    gc.collect()
     dist.destroy_process_group()
 
 
