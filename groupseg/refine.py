@@ -58,36 +58,34 @@ def pamr(image: torch.Tensor, scores: torch.Tensor, iterations: int = 10, dilati
         raise ValueError(f"pamr: image {tuple(image.shape[-2:])} and scores {tuple(scores.shape[-2:])} differ in size")
     if image.shape[0] not in (1, scores.shape[0]):
         raise ValueError(f"pamr: {image.shape[0]} images for {scores.shape[0]} score maps")
-    if scores.device.type != "cpu" or scores.shape[0] == 0:  # one kernel per neighbour for the whole batch
-        aff = pamr_affinity(image.float(), dilations)
-        x = scores.float()
-        for _ in range(iterations):
-            x = _propagate(x, aff, dilations, band=x.shape[-2])
-        return x[0] if squeeze else x
-    out, aff = [], None
-    for b in range(scores.shape[0]):  # on a CPU one image at a time: its scores and weights stay in cache
-        if aff is None or image.shape[0] > 1:
-            aff = pamr_affinity(image[b : b + 1].float(), dilations)
-        x = scores[b : b + 1].float()
+    # on a CPU one image at a time, so that its scores and weights stay in cache; elsewhere the batch
+    cpu, n = scores.device.type == "cpu", scores.shape[0]
+    parts = [slice(b, b + 1) for b in range(n)] if cpu and n > 1 else [slice(None)]
+    shared = pamr_affinity(image.float(), dilations) if image.shape[0] == 1 else None  # one image for all maps
+    out = []
+    for part in parts:
+        aff = shared if shared is not None else pamr_affinity(image[part].float(), dilations)
+        x = scores[part].float()
         for _ in range(iterations):
             x = _propagate(x, aff, dilations)
         out.append(x)
-    x = torch.cat(out)
+    x = torch.cat(out) if len(out) > 1 else out[0]
     return x[0] if squeeze else x
 
 
 BAND_BYTES = 8 << 20  # working set of one band of rows in ``_propagate`` on a CPU
 
 
-def _propagate(x: torch.Tensor, aff: torch.Tensor, dilations: Sequence[int], band: int = 0) -> torch.Tensor:
+def _propagate(x: torch.Tensor, aff: torch.Tensor, dilations: Sequence[int]) -> torch.Tensor:
     """One PAMR step on (B, C, H, W) scores with (B or 1, K, H, W) weights: each pixel's weighted
     sum of its neighbours. On a CPU, in bands of rows whose scores, neighbours and weights fit in
     a cache (the whole image at once streams them from memory 48 times: 1.1-1.7x slower on 2
-    cores); each band sums its neighbours in the same order, so the result is the same to the bit."""
+    cores); each band sums its neighbours in the same order, so the result is the same to the bit.
+    Elsewhere (a GPU) one band: one kernel per neighbour."""
     H, W = x.shape[-2:]
     m = max(dilations)
     xp = F.pad(x, (m, m, m, m), mode="replicate")
-    band = band or max(16, BAND_BYTES // (4 * (W + 2 * m) * (aff.shape[1] + 2 * x.shape[1])))
+    band = max(16, BAND_BYTES // (4 * (W + 2 * m) * (aff.shape[1] + 2 * x.shape[1]))) if x.device.type == "cpu" else H
     out = torch.zeros_like(x)
     for r0 in range(0, H, band):
         r1 = min(H, r0 + band)

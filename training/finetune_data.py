@@ -162,7 +162,6 @@ class LabelledImages(torch.utils.data.Dataset):
         target = torch.from_numpy(hide_classes(full, self.hidden))
         return {"pixels": px, "target": target, "tags": torch.from_numpy(tags)}
 
-
     def decoded(self, i: int):
         """Subset item ``i``'s RGB image and label map (vocabulary indices, ``IGNORE`` elsewhere) as PIL
         images. Every epoch crops the same photos again, so the training process keeps them decoded
