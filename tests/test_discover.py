@@ -235,6 +235,7 @@ def test_discover_bad_input_is_one_line(tiny_weights, tmp_path, capsys):
         (["--clusters", "100000"], "K=100000 clusters but the training crops have only"),
         ([], "--clusters K is needed"),
         (["--keep", "0"], "--keep must be in (0, 1]"),
+        (["--self-train-kernel", "4"], "--self-train-kernel must be an odd number >= 1"),
         (["--shifts", "0.1", "0.2"], "--shifts: expected 3 arguments"),
     ]
     for extra, msg in cases:
@@ -318,13 +319,17 @@ def test_self_training_with_the_backbone_moves_it_and_resumes(tiny_weights, tmp_
     for a, b in zip(after.text_proj.parameters(), before.text_proj.parameters()):
         assert torch.equal(a, b)  # the text side is never trained
     assert (out / "checkpoints" / "self-train-1.pt").is_file() and (out / "cache-self-train-1" / "meta.json").is_file()
-    assert after.cfg.stego["kernel"] == 3
+    assert after.cfg.stego["kernel"] == 5 and after.stego.nonlinear[0].kernel_size == (5, 5)  # the default student sees 5 x 5 patches
     capsys.readouterr()
     assert _discover(tiny_weights, photos, out, *args) == 0  # resumed: the finished round is restored, not redone
     assert "self-training round 1 restored" in capsys.readouterr().out
     again = groupseg.load_model(out)
     for n, p in again.visual.state_dict().items():
         assert torch.equal(p, after.visual.state_dict()[n]), n
+    # resuming with another student kernel than the checkpoint's: one line, not a state-dict traceback
+    assert _discover(tiny_weights, photos, out, *args, "--self-train-kernel", "3") == 2
+    err = capsys.readouterr().err.strip()
+    assert "trained with --self-train-kernel 5, not 3" in err and len(err.splitlines()) == 1, err
 
 
 def test_flipped_teacher_labels_average_each_crop_with_its_mirror_image(tiny_weights, tmp_path):

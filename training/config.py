@@ -202,6 +202,7 @@ class DiscoverConfig:
     probe_epochs: int = 2  # passes of the mini-batch k-means
     self_train_rounds: int = 2  # PASS-style rounds: pseudo labels -> a new head -> re-cluster (0 = off; 2 chosen on CamVid val)
     self_train_steps: int = 1000  # head steps per self-training round
+    self_train_kernel: int = 5  # self-training: the new head's nonlinear branch sees each patch's K x K neighbourhood (odd; 5 chosen on CamVid val, 3 before 2026-12-02)
     keep: float = 0.5  # self-training: fraction of each cluster's pixels kept as pseudo labels (the surest)
     self_train_backbone: float = 0.0  # self-training: also fine-tune the backbone's first stage at this multiple of --lr (0 = only the new head, on cached features)
     pseudo_refine: Literal["pamr", "none"] = "pamr"  # self-training: refine the teacher's pseudo labels onto image edges with PAMR before training on them
@@ -228,6 +229,8 @@ class DiscoverConfig:
                                "limit": 0})
         if not self.lr > 0:
             raise ValueError(f"--lr must be > 0, got {self.lr}")
+        if self.self_train_kernel < 1 or self.self_train_kernel % 2 == 0:
+            raise ValueError(f"--self-train-kernel must be an odd number >= 1, got {self.self_train_kernel}")
         if not self.self_train_backbone >= 0:
             raise ValueError(f"--self-train-backbone must be >= 0, got {self.self_train_backbone}")
         for name in ("crop_ratio", "keep"):

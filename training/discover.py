@@ -76,7 +76,10 @@ def check_args(cfg: DiscoverConfig, model, paths: list[Path], classes: int) -> i
     """Validate option combinations against the model and data before any work; returns K."""
     from groupseg.stego import check_feature
 
+    from .selftrain import check_resume
+
     check_feature(model, cfg.feature)
+    check_resume(cfg)
     k = cfg.clusters or classes
     if not k:
         raise ValueError("--clusters K is needed with --images-dir (no dataset to count classes)")

@@ -9,7 +9,7 @@ cluster, only the surest ``keep`` share of its pixels keep their label (threshol
 histogram of margins; labels and margins live in memory-mapped files, so memory does not grow
 with the number of images); the others are marked unsure (``UNSURE``) and never reach the loss.
 As PASS trains a segmentation network on its pseudo labels, a new head whose nonlinear branch sees
-each patch's 3 x 3 neighbourhood is trained from scratch on them (cross-entropy of its cosine
+each patch's 5 x 5 neighbourhood (``--self-train-kernel``) is trained from scratch on them (cross-entropy of its cosine
 logits to the fixed centres, upsampled to the labels' grid); it replaces the STEGO head, and the
 caller re-clusters its codes. Training on refined labels distils the refinement into the head.
 The teacher's labels are fixed for the round, so the student cannot drift towards its own mistakes.
@@ -100,13 +100,27 @@ def teacher_targets(model, teacher: StegoHead, cache, directory: Path, refine: s
     return labels, marg
 
 
+def check_resume(cfg: DiscoverConfig) -> None:
+    """Before any work: the self-training checkpoints ``--resume auto`` would restore were trained
+    with this ``--self-train-kernel`` (else a one-line ``ValueError``, not a state-dict traceback later)."""
+    if cfg.resume != "auto":
+        return
+    for r in range(1, cfg.self_train_rounds + 1):
+        ckpt = Path(cfg.out) / "checkpoints" / f"self-train-{r}.pt"
+        if ckpt.is_file():
+            saved = torch.load(ckpt, map_location="cpu", weights_only=False)["student"]["nonlinear.0.weight"].shape[-1]
+            if saved != cfg.self_train_kernel:
+                raise ValueError(f"{ckpt}: self-training round {r} was trained with --self-train-kernel {saved}, "
+                                 f"not {cfg.self_train_kernel} (pass that, or --resume none to start afresh)")
+
+
 def self_train(model, head: StegoHead, cache, cfg: DiscoverConfig, round_: int = 0, tau: float = 0.1) -> StegoHead:
-    """One round: pseudo labels of ``head`` (the teacher), a new 3 x 3 head trained on them (with the
-    backbone's first stage when ``cfg.self_train_backbone > 0``, as PASS fine-tunes its network),
+    """One round: pseudo labels of ``head`` (the teacher), a new head (its nonlinear branch a
+    ``cfg.self_train_kernel`` square convolution) trained on them (with the backbone's first stage when ``cfg.self_train_backbone > 0``, as PASS fine-tunes its network),
     returned and recorded in ``model.cfg.stego``; the caller re-clusters its codes (on features
     computed afresh when the backbone moved). A finished round is checkpointed and not redone on resume."""
     teacher, centres = head.eval(), head.centres.clone()
-    student = StegoHead(head.in_dim, head.dim, centres.shape[0], model.cfg.embed_dim, kernel=3).to(centres.device)
+    student = StegoHead(head.in_dim, head.dim, centres.shape[0], model.cfg.embed_dim, kernel=cfg.self_train_kernel).to(centres.device)
     ckpt = Path(cfg.out) / "checkpoints" / f"self-train-{round_ + 1}.pt"
     if cfg.resume == "auto" and ckpt.is_file():
         state = torch.load(ckpt, map_location=centres.device, weights_only=False)
@@ -127,7 +141,7 @@ def self_train(model, head: StegoHead, cache, cfg: DiscoverConfig, round_: int =
     student.eval()
     student.set_centres(centres, head.centre_embeds)
     model.stego = student
-    model.cfg.stego["kernel"] = 3
+    model.cfg.stego["kernel"] = cfg.self_train_kernel
     return student
 
 
