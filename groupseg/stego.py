@@ -102,8 +102,8 @@ class StegoHead(nn.Module):
         clusters: cluster centres kept (``centres`` (K, code dim), ``centre_embeds`` (K, embed_dim)).
         embed_dim: joint-space size, for the centres' names.
         dropout: channel dropout on the features in training (STEGO: 0.1).
-        kernel: the nonlinear branch's first convolution (1 = STEGO's per-pixel head; 3 = the
-            self-trained head, which sees each patch's neighbours).
+        kernel: the nonlinear branch's first convolution (1 = STEGO's per-pixel head; the
+            self-trained head sees each patch's neighbours: 5 by default, 3 before 2026-12-02).
     """
 
     def __init__(self, in_dim: int, dim: int = 70, clusters: int = 0, embed_dim: int = 256, dropout: float = 0.1,

@@ -9,10 +9,11 @@ cluster, only the surest ``keep`` share of its pixels keep their label (threshol
 histogram of margins; labels and margins live in memory-mapped files, so memory does not grow
 with the number of images); the others are marked unsure (``UNSURE``) and never reach the loss.
 As PASS trains a segmentation network on its pseudo labels, a new head whose nonlinear branch sees
-each patch's 5 x 5 neighbourhood (``--self-train-kernel``) is trained from scratch on them (cross-entropy of its cosine
-logits to the fixed centres, upsampled to the labels' grid); it replaces the STEGO head, and the
-caller re-clusters its codes. Training on refined labels distils the refinement into the head.
-The teacher's labels are fixed for the round, so the student cannot drift towards its own mistakes.
+each patch's 5 x 5 neighbourhood (``--self-train-kernel``) is trained from scratch on them
+(cross-entropy of its cosine logits to the fixed centres, upsampled to the labels' grid); it
+replaces the STEGO head, and the caller re-clusters its codes. Training on refined labels distils
+the refinement into the head. The teacher's labels are fixed for the round, so the student cannot
+drift towards its own mistakes.
 """
 from __future__ import annotations
 
@@ -116,9 +117,10 @@ def check_resume(cfg: DiscoverConfig) -> None:
 
 def self_train(model, head: StegoHead, cache, cfg: DiscoverConfig, round_: int = 0, tau: float = 0.1) -> StegoHead:
     """One round: pseudo labels of ``head`` (the teacher), a new head (its nonlinear branch a
-    ``cfg.self_train_kernel`` square convolution) trained on them (with the backbone's first stage when ``cfg.self_train_backbone > 0``, as PASS fine-tunes its network),
-    returned and recorded in ``model.cfg.stego``; the caller re-clusters its codes (on features
-    computed afresh when the backbone moved). A finished round is checkpointed and not redone on resume."""
+    ``cfg.self_train_kernel`` square convolution) trained on them (with the backbone's first stage
+    when ``cfg.self_train_backbone > 0``, as PASS fine-tunes its network), returned and recorded
+    in ``model.cfg.stego``; the caller re-clusters its codes (on features computed afresh when the
+    backbone moved). A finished round is checkpointed and not redone on resume."""
     teacher, centres = head.eval(), head.centres.clone()
     student = StegoHead(head.in_dim, head.dim, centres.shape[0], model.cfg.embed_dim, kernel=cfg.self_train_kernel).to(centres.device)
     ckpt = Path(cfg.out) / "checkpoints" / f"self-train-{round_ + 1}.pt"
