@@ -101,17 +101,22 @@ def teacher_targets(model, teacher: StegoHead, cache, directory: Path, refine: s
     return labels, marg
 
 
+def round_checkpoint(cfg: DiscoverConfig, round_: int) -> Path:
+    """Where self-training round ``round_`` (0-based) is checkpointed."""
+    return Path(cfg.out) / "checkpoints" / f"self-train-{round_ + 1}.pt"
+
+
 def check_resume(cfg: DiscoverConfig) -> None:
     """Before any work: the self-training checkpoints ``--resume auto`` would restore were trained
     with this ``--self-train-kernel`` (else a one-line ``ValueError``, not a state-dict traceback later)."""
     if cfg.resume != "auto":
         return
-    for r in range(1, cfg.self_train_rounds + 1):
-        ckpt = Path(cfg.out) / "checkpoints" / f"self-train-{r}.pt"
+    for r in range(cfg.self_train_rounds):
+        ckpt = round_checkpoint(cfg, r)
         if ckpt.is_file():
             saved = torch.load(ckpt, map_location="cpu", weights_only=False)["student"]["nonlinear.0.weight"].shape[-1]
             if saved != cfg.self_train_kernel:
-                raise ValueError(f"{ckpt}: self-training round {r} was trained with --self-train-kernel {saved}, "
+                raise ValueError(f"{ckpt}: self-training round {r + 1} was trained with --self-train-kernel {saved}, "
                                  f"not {cfg.self_train_kernel} (pass that, or --resume none to start afresh)")
 
 
@@ -123,7 +128,7 @@ def self_train(model, head: StegoHead, cache, cfg: DiscoverConfig, round_: int =
     backbone moved). A finished round is checkpointed and not redone on resume."""
     teacher, centres = head.eval(), head.centres.clone()
     student = StegoHead(head.in_dim, head.dim, centres.shape[0], model.cfg.embed_dim, kernel=cfg.self_train_kernel).to(centres.device)
-    ckpt = Path(cfg.out) / "checkpoints" / f"self-train-{round_ + 1}.pt"
+    ckpt = round_checkpoint(cfg, round_)
     if cfg.resume == "auto" and ckpt.is_file():
         state = torch.load(ckpt, map_location=centres.device, weights_only=False)
         student.load_state_dict(state["student"])
